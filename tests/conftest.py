@@ -1,0 +1,39 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, CPU tensors); it must be set
+before triton is first imported, hence here at the top of the root conftest.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("flashcore parity suite")
+    group.addoption("--parity-model", default=os.environ.get("FLASHCORE_PARITY_MODEL", "tiny"),
+                    help="model preset (tiny, llama-3.1-8b) or hub id for the parity suite")
+    group.addoption("--parity-json", default=os.environ.get("FLASHCORE_PARITY_JSON"),
+                    help="write the parity results JSON document to this path")
+    group.addoption("--parity-device", default=os.environ.get("FLASHCORE_PARITY_DEVICE"),
+                    help="cuda or cpu (default: cuda when available)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if HAS_CUDA else "cpu"
