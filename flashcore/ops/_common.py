@@ -1,0 +1,64 @@
+"""Checks and helpers shared by the attention launchers (no kernels here).
+
+Per-row bounds (q_offset, kv_start, kv_end / kv_lens) arrive as None, a python int, or an integer tensor [B].
+They are split into (tensor or None, int) pairs: a kernel reads the tensor when it is given and the int otherwise,
+so the common int/None case allocates nothing and stays free of host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Shapes [B, Hq, Sq, D] / [B, Hkv, Skv, D], same dtype and device, Hq % Hkv == 0, D in {64, 128}."""
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {label} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: dtype {q.dtype} not supported (use float16, bfloat16 or float32)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    batch, hq, _, d = q.shape
+    if k.shape[0] != batch or k.shape[3] != d:
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name}: head_dim {d} not supported (use one of {SUPPORTED_HEAD_DIMS})")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"{name}: query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def split_row_arg(name: str, what: str, value, batch: int, default: int,
+                  device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """None | int | int tensor [B] -> (tensor or None, int fallback)."""
+    if value is None:
+        return None, default
+    if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+        raise ValueError(f"{name}: {what} must be None, an int or an integer tensor [B], got {type(value)}")
+    if isinstance(value, int):
+        return None, value
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise ValueError(f"{name}: {what} must be an integer tensor, got {value.dtype}")
+    if value.numel() != batch:
+        raise ValueError(f"{name}: {what} must have one entry per batch row ({batch}), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: {what} is on {value.device} but q is on {device}")
+    return value.reshape(batch), default
+
+
+def default_scale(sm_scale: float | None, head_dim: int) -> float:
+    return float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def empty_bhsd(batch: int, heads: int, seq: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] view of a [B, S, H, D] buffer: transformers' transpose back to [B, S, H, D] is then free."""
+    return like.new_empty(batch, seq, heads, head_dim).transpose(1, 2)

@@ -1,0 +1,213 @@
+"""Prefill attention: causal (or full) attention of a block of queries against keys, GQA-aware.
+
+    prefill_attention(q, k, v, *, causal=True, q_offset=None, kv_start=None, kv_end=None, sm_scale=None)
+    # q: [B, Hq, Sq, D]  k, v: [B, Hkv, Skv, D]  ->  [B, Hq, Sq, D] in q.dtype (a [B, Sq, Hq, D] buffer)
+
+Masking follows flashcore/reference.py exactly: query i of row b attends key j when
+kv_start[b] <= j < kv_end[b] and (not causal or j <= q_offset[b] + i); rows with no key output 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _row_bound(ptr, fallback, b, HAS_TENSOR: tl.constexpr):
+    """Per-row bound: ptr[b] when a tensor was given, else the int fallback."""
+    if HAS_TENSOR:
+        return tl.load(ptr + b).to(tl.int32)
+    return fallback
+
+
+@triton.jit
+def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n, offs_d,
+                    lo, hi, kv_lo, kv_hi, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Online-softmax sweep over key blocks [lo, hi) (FlashAttention-2, Algorithm 1, inner loop).
+
+    MASKED=False is the fast path for blocks where every (query, key) pair is allowed; MASKED=True applies
+    kv_lo <= j < kv_hi, the causal bound j <= offs_m_key, and zero-fills loads outside the valid keys so that
+    garbage (NaN/inf) in a static cache or padding never reaches the sums.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_j = start_n + offs_n
+        if MASKED:
+            valid_j = (offs_j >= kv_lo) & (offs_j < kv_hi)
+            k = tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None], mask=valid_j[None, :], other=0.0)
+        else:
+            k = tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None])
+        # -- scores in log2 units: s = (q . k) * sm_scale * log2(e)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            allowed = valid_j[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_j[None, :] <= offs_m_key[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+        # -- update running max; a row with nothing allowed yet keeps m = -inf and uses 0 as its shift
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        # -- rescale the running denominator and accumulator, add this block
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_base + offs_j[:, None] * stride_vn + offs_d[None, :], mask=valid_j[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_j[:, None] * stride_vn + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int, kv_end_int, qk_scale,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                    HQ, SQ, SKV,
+                    GROUP: tl.constexpr,          # Hq // Hkv: query heads sharing one KV head
+                    HEAD_DIM: tl.constexpr,       # D, the tile width of q, k, v
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr,
+                    HAS_QOFF: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
+    """One program = BLOCK_M queries of one (batch row, query head): FlashAttention-2 forward.
+
+    For the queries i of the tile, O_i = sum_j softmax_j(q_i . k_j * sm_scale) v_j over allowed keys j, computed
+    in one pass with the online softmax (Dao, "FlashAttention-2", 2023, Alg. 1): running max m, running
+    denominator l, unnormalised accumulator acc, rescaled by exp2(m_old - m_new) as each key block arrives.
+    Scores use exp2 with sm_scale * log2(e) folded into qk_scale. Key blocks are swept in up to three loops:
+    a masked block at the left edge (kv_start), unmasked full blocks, then masked blocks on the causal
+    diagonal / right edge (kv_end). Rows with no allowed key keep l = 0 and store 0.
+    """
+    # Heavy causal tiles (late queries) first: they see the most keys, so the grid tail is light.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // GROUP
+
+    q_off = _row_bound(QOff, q_off_int, b, HAS_QOFF)
+    kv_lo = tl.maximum(_row_bound(KVStart, kv_start_int, b, HAS_KV_START), 0)
+    kv_hi = tl.minimum(_row_bound(KVEnd, kv_end_int, b, HAS_KV_END), SKV)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m_key = q_off + offs_m  # the last key index each query may see (causal)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < SQ, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # -- key range of this tile: [kv_lo, hi); full blocks [full_lo, full_hi) need no mask
+    hi = kv_hi
+    full_end = kv_hi
+    if CAUSAL:
+        hi = tl.minimum(hi, q_off + pid_m * BLOCK_M + BLOCK_M)     # last query of the tile sees keys < hi
+        full_end = tl.minimum(full_end, q_off + pid_m * BLOCK_M + 1)  # first query of the tile sees keys < this
+    first_block = (kv_lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
+    if full_end // BLOCK_N * BLOCK_N <= full_lo:
+        # no full block: one masked sweep
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                        offs_d, first_block, hi, kv_lo, kv_hi, qk_scale,
+                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
+    else:
+        # left edge (kv_start not block aligned): at most one masked block
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                        offs_d, first_block, full_lo, kv_lo, kv_hi, qk_scale,
+                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                        offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
+                                        False, CAUSAL, BLOCK_N, DOT_PRECISION)
+        # causal diagonal and right edge (kv_end)
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                        offs_d, full_hi, hi, kv_lo, kv_hi, qk_scale,
+                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
+
+    # -- normalise; fully masked rows (l = 0) have acc = 0 and store exactly 0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < SQ)
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Tile sizes and launch parameters (fixed, no autotune: no syncs, predictable under graphs)."""
+    if not on_gpu:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim == 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+@torch.library.custom_op("flashcore::prefill_attention", mutates_args=())
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor | None,
+                kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, q_offset_int: int, kv_start_int: int,
+                kv_end_int: int, causal: bool, sm_scale: float) -> torch.Tensor:
+    # q: [B, Hq, Sq, D]  k, v: [B, Hkv, Skv, D]  (checked by prefill_attention)
+    batch, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    out = empty_bhsd(batch, hq, sq, d, q)
+    if out.numel() == 0:
+        return out
+    for t in (q, k, v):
+        if t.stride(3) != 1:
+            raise ValueError("prefill_attention: the head_dim axis of q, k, v must have stride 1")
+    cfg = _prefill_config(d, q.dtype, q.is_cuda)
+    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), batch * hq)
+    dummy = q_offset if q_offset is not None else (kv_start if kv_start is not None else kv_end)
+    dummy = dummy if dummy is not None else out  # never read when its HAS_* flag is False
+    _prefill_kernel[grid](
+        q, k, v, out,
+        q_offset if q_offset is not None else dummy,
+        kv_start if kv_start is not None else dummy,
+        kv_end if kv_end is not None else dummy,
+        q_offset_int, kv_start_int, kv_end_int, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        hq, sq, skv,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
+        HAS_QOFF=q_offset is not None, HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@_prefill_op.register_fake
+def _prefill_fake(q, k, v, q_offset, kv_start, kv_end, q_offset_int, kv_start_int, kv_end_int, causal, sm_scale):
+    batch, hq, sq, d = q.shape
+    return empty_bhsd(batch, hq, sq, d, q)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, q_offset=None,
+                      kv_start=None, kv_end=None, sm_scale: float | None = None) -> torch.Tensor:
+    """Attention of q [B, Hq, Sq, D] over k, v [B, Hkv, Skv, D]; returns [B, Hq, Sq, D] in q.dtype.
+
+    q_offset / kv_start / kv_end: None, an int, or an integer tensor [B] on q's device (see flashcore.reference).
+    """
+    check_qkv("prefill_attention", q, k, v)
+    batch, _, sq, d = q.shape
+    skv = k.shape[2]
+    q_off_t, q_off_i = split_row_arg("prefill_attention", "q_offset", q_offset, batch, skv - sq, q.device)
+    start_t, start_i = split_row_arg("prefill_attention", "kv_start", kv_start, batch, 0, q.device)
+    end_t, end_i = split_row_arg("prefill_attention", "kv_end", kv_end, batch, skv, q.device)
+    return _prefill_op(q, k, v, q_off_t, start_t, end_t, q_off_i, start_i, end_i, bool(causal),
+                       default_scale(sm_scale, d))
