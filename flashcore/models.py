@@ -1,0 +1,206 @@
+"""Model presets for the drop-in and the parity suite (gpt-fast style: a dataclass and a dict of presets).
+
+    ModelPreset.from_name("tiny")            # 2 layers, GQA 8:2, head_dim 64: seconds on a CPU
+    ModelPreset.from_name("llama-3.1-8b")    # the real architecture, random weights (deterministic seed)
+    load_model("tiny" | "llama-3.1-8b" | "org/hub-id", device=..., dtype=..., attn_implementation=...)
+
+Preset models get random weights from a fixed seed and are built directly on the target device in the target
+dtype (the 8B shape never exists in fp32 on the host). Anything with a "/" is a hub id: real weights through
+from_pretrained (token from the argument or HF_TOKEN); where no hub is reachable it fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (unknown preset, unreachable hub, missing access). One-line message."""
+
+
+@dataclass
+class ModelPreset:
+    name: str
+    family: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None
+    intermediate_size: int = 14336
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # extra rope parameters (e.g. llama3 scaling), merged with the theta
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    notes: str = ""
+    extra: dict = field(default_factory=dict)  # family-specific config fields
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"preset {self.name}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"preset {self.name}: {self.num_heads} query heads are not a multiple of "
+                             f"{self.num_kv_heads} KV heads")
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelPreset":
+        if name not in PRESETS:
+            raise ModelLoadError(f"unknown model preset {name!r} (presets: {', '.join(PRESETS)}; "
+                                 "a hub id looks like org/name)")
+        return cls(name=name, **PRESETS[name])
+
+    def hf_config(self):
+        """The transformers config of this architecture (transformers 5.x: rope_parameters)."""
+        from transformers import LlamaConfig, MistralConfig, Qwen2Config
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        common = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                      intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                      num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                      max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+                      initializer_range=self.initializer_range, tie_word_embeddings=self.tie_word_embeddings,
+                      rope_parameters=rope, **self.extra)
+        if self.family == "llama":
+            return LlamaConfig(head_dim=self.head_dim, **common)
+        if self.family == "mistral":
+            return MistralConfig(head_dim=self.head_dim, **common)
+        if self.head_dim != self.hidden_size // self.num_heads:
+            raise ValueError(f"preset {self.name}: qwen2 derives head_dim from hidden_size / num_heads")
+        return Qwen2Config(**common)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(family="llama", vocab_size=512, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                 head_dim=64, intermediate_size=512, rope_theta=10000.0, max_position_embeddings=1024,
+                 initializer_range=0.06,
+                 notes="2 layers, GQA 8:2, head_dim 64; initializer_range 0.06 gives q.k scores of order one "
+                       "(with 0.02 attention is near-uniform and a wrong mask barely shows)"),
+    "tiny-mistral": dict(family="mistral", vocab_size=512, hidden_size=256, num_layers=2, num_heads=8,
+                         num_kv_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=1024,
+                         initializer_range=0.06, extra={"sliding_window": None},
+                         notes="Mistral without sliding window (as Mistral-7B-v0.3)"),
+    "tiny-qwen2": dict(family="qwen2", vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=512, max_position_embeddings=1024, initializer_range=0.06,
+                       notes="Qwen2 (q/k/v biases), GQA 4:2, head_dim 64"),
+    "llama-3.1-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
+                         num_kv_heads=8, head_dim=128, intermediate_size=14336, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, initializer_range=0.02,
+                         notes="Llama-3.1-8B architecture with random weights"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    name: str
+    source: str                      # "preset" | "hub"
+    preset: ModelPreset | None = None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU; fp16 on the CPU (bf16 is broken in the Triton interpreter the CPU kernels run in)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(preset: ModelPreset, *, device=None, dtype: torch.dtype | None = None, seed: int | None = None,
+                attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Random-weight model of a preset, created on `device` in `dtype` (parameters never pass through fp32 on the
+    host). Same preset + seed + device type -> same weights."""
+    from transformers import AutoModelForCausalLM
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    torch.manual_seed(preset.seed if seed is None else seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = AutoModelForCausalLM.from_config(preset.hf_config(), attn_implementation=attn_implementation)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A TCP connect to the hub endpoint (HF_ENDPOINT or huggingface.co:443): fails fast where there is no network,
+    instead of from_pretrained's minute of retries."""
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub_model(name: str, *, device=None, dtype: torch.dtype | None = None, token: str | None = None,
+                   attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Real weights: a local directory, the local HF cache, or the hub (token from the argument or HF_TOKEN)."""
+    from transformers import AutoModelForCausalLM
+    device = torch.device(device or default_device())
+    token = token or os.environ.get("HF_TOKEN") or None
+    kwargs = dict(token=token, dtype=dtype or default_dtype(device), attn_implementation=attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - not on disk: try the hub below
+        model = None
+    if model is None:
+        if os.environ.get("HF_HUB_OFFLINE") or not hub_reachable():
+            raise ModelLoadError(f"cannot load {name!r}: not in the local Hugging Face cache and the hub "
+                                 f"({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
+            text = str(exc).strip()
+            reason = _redact(text.splitlines()[0] if text else "", token)[:200]
+            raise ModelLoadError(f"cannot load {name!r} from the Hugging Face hub ({type(exc).__name__}: {reason}); "
+                                 "does the id exist and does the token grant access?") from None
+    return model.to(device).eval()
+
+
+def load_model(name_or_preset: str, *, device=None, dtype: torch.dtype | None = None, token: str | None = None,
+               seed: int | None = None, attn_implementation: str = "sdpa") -> LoadedModel:
+    """A preset name or a hub id ("org/name") -> LoadedModel."""
+    if name_or_preset in PRESETS:
+        preset = ModelPreset.from_name(name_or_preset)
+        model = build_model(preset, device=device, dtype=dtype, seed=seed, attn_implementation=attn_implementation)
+        return LoadedModel(model=model, name=name_or_preset, source="preset", preset=preset)
+    if "/" not in name_or_preset:
+        ModelPreset.from_name(name_or_preset)  # raises the unknown-preset error
+    model = load_hub_model(name_or_preset, device=device, dtype=dtype, token=token,
+                           attn_implementation=attn_implementation)
+    return LoadedModel(model=model, name=name_or_preset, source="hub")

@@ -1,0 +1,225 @@
+"""The transformers drop-in on tiny random Llama / Mistral / Qwen2 models: every cache and mask case transformers
+produces, checked against the same model on PyTorch SDPA (fp32 on the CPU, where the kernels run interpreted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+
+from flashcore.integrations import (NAME, get_flashcore_attention_stats, replace_llama_attention_with_flashcore,
+                                    reset_flashcore_attention_stats, restore_sdpa_attention)
+from flashcore.integrations import masks
+from flashcore.models import ModelLoadError, ModelPreset, load_model
+
+FAMILIES = ["tiny", "tiny-mistral", "tiny-qwen2"]
+
+
+def _model(name: str, device: str = "cpu", dtype=torch.float32):
+    return load_model(name, device=device, dtype=dtype).model
+
+
+def _left_padded_batch(vocab: int, lengths: list[int], device="cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(0, vocab, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _both(model, fn):
+    """fn(model) on SDPA, then on flashcore; returns (sdpa_result, flashcore_result)."""
+    restore_sdpa_attention(model)
+    ref = fn(model)
+    replace_llama_attention_with_flashcore(model)
+    return ref, fn(model)
+
+
+# -- the mask description (pure) --------------------------------------------------------------------------
+
+def test_description_is_none_for_plain_causal():
+    assert masks.build_description(2, 5, 5, 0, None, "cpu") is None
+    assert masks.build_description(2, 1, 9, 8, None, "cpu") is None  # DynamicCache decode
+
+
+def test_description_rows_for_left_padding_and_static_cache():
+    pad = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    offset = torch.tensor(4)  # a StaticCache's live counter
+    desc = masks.build_description(2, 1, 16, offset, pad, "cpu")
+    assert masks.is_description(desc)
+    q_off, start, end = masks.unpack_description(desc)
+    assert q_off.tolist() == [4, 4] and start.tolist() == [2, 0] and end.tolist() == [5, 5]
+    assert start.is_contiguous() and end.is_contiguous()
+    offset.add_(1)  # the cache increments its counter in place during the forward
+    assert masks.unpack_description(desc)[0].tolist() == [4, 4]
+
+
+def test_left_padding_check_rejects_holes():
+    assert masks.is_left_padded(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]).bool())
+    assert not masks.is_left_padded(torch.tensor([[1, 0, 1, 1]]).bool())
+    assert not masks.is_left_padded(torch.tensor([[1, 1, 0, 0]]).bool())
+
+
+def test_dense_masks_are_not_descriptions():
+    assert not masks.is_description(torch.ones(2, 1, 3, 3, dtype=torch.bool))
+    assert not masks.is_description(None)
+
+
+# -- whole models on the CPU ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_left_padded_prefill_and_generate_match_sdpa(name):
+    model = _model(name)
+    ids, mask = _left_padded_batch(model.config.vocab_size, [7, 12])
+    with torch.no_grad():
+        ref, out = _both(model, lambda m: m(ids, attention_mask=mask).logits)
+        valid = mask.bool()
+        torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(out).all()  # padded query rows see no key: exact zeros, never NaN
+        gen = lambda m: m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)  # noqa: E731
+        ref_tokens, tokens = _both(model, gen)
+    assert torch.equal(tokens, ref_tokens)
+    total = get_flashcore_attention_stats(model).total
+    layers = model.config.num_hidden_layers
+    assert total.prefill_calls == 2 * layers and total.decode_calls == 3 * layers and total.fallback_calls == 0
+
+
+def test_static_cache_generate_matches_sdpa():
+    model = _model("tiny")
+    ids, mask = _left_padded_batch(model.config.vocab_size, [5, 11], seed=1)
+    gen = lambda m: m.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,  # noqa: E731
+                               cache_implementation="static")
+    with torch.no_grad():
+        ref_tokens, tokens = _both(model, gen)
+    assert torch.equal(tokens, ref_tokens)
+    assert get_flashcore_attention_stats(model).total.decode_calls > 0
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_prefill_onto_existing_cache_then_decode(cache_kind):
+    model = _model("tiny")
+    g = torch.Generator().manual_seed(2)
+    prompt, chunk, step = (torch.randint(0, 512, (1, n), generator=g) for n in (9, 6, 1))
+
+    def run(m):
+        if cache_kind == "dynamic":
+            cache = DynamicCache(config=m.config)
+        else:
+            cache = StaticCache(config=m.config, max_cache_len=32)
+        m(prompt, past_key_values=cache, use_cache=True)
+        chunk_logits = m(chunk, past_key_values=cache, use_cache=True).logits  # Sq=6 onto 9 cached keys
+        step_logits = m(step, past_key_values=cache, use_cache=True).logits    # single-token decode
+        return torch.cat([chunk_logits, step_logits], dim=1)
+
+    with torch.no_grad():
+        ref, out = _both(model, run)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    total = get_flashcore_attention_stats(model).total
+    assert total.prefill_tokens == (9 + 6) * 2 and total.decode_tokens == 2
+
+
+def test_mask_with_holes_falls_back_to_sdpa_not_silently_wrong():
+    model = _model("tiny")
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        ref, out = _both(model, lambda m: m(ids, attention_mask=mask).logits)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    total = get_flashcore_attention_stats(model).total
+    assert total.fallback_calls == 2 and total.prefill_calls == 0
+
+
+def test_switch_back_to_sdpa_and_reset_stats():
+    model = _model("tiny")
+    replace_llama_attention_with_flashcore(model)
+    assert model.config._attn_implementation == NAME
+    ids = torch.randint(0, 512, (1, 5))
+    with torch.no_grad():
+        model(ids)
+    assert get_flashcore_attention_stats(model).layers[0].prefill_calls == 1
+    restore_sdpa_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        model(ids)
+    assert get_flashcore_attention_stats(model).total.calls == 2  # SDPA calls are not counted
+    reset_flashcore_attention_stats(model)
+    assert get_flashcore_attention_stats(model).total.calls == 0
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path):
+    model = _model("tiny-qwen2")
+    model.save_pretrained(tmp_path)
+    replace_llama_attention_with_flashcore(model)  # registers the backend
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=NAME, dtype=torch.float32)
+    assert loaded.config._attn_implementation == NAME
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert get_flashcore_attention_stats(loaded).total.prefill_calls == 2
+
+
+# -- presets and loading ----------------------------------------------------------------------------------
+
+def test_presets():
+    big = ModelPreset.from_name("llama-3.1-8b")
+    assert (big.hidden_size, big.num_layers, big.num_heads, big.num_kv_heads, big.head_dim) == (4096, 32, 32, 8, 128)
+    assert big.vocab_size == 128256 and big.rope_theta == 500000.0 and big.group == 4
+    config = big.hf_config()
+    assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_theta"] == 500000.0
+    tiny = ModelPreset.from_name("tiny")
+    assert tiny.num_layers <= 4 and tiny.group > 1
+
+
+def test_preset_weights_are_deterministic():
+    a = _model("tiny").model.layers[0].self_attn.q_proj.weight
+    b = _model("tiny").model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(a, b)
+
+
+def test_unknown_preset_and_unreachable_hub_fail_in_one_line(monkeypatch):
+    with pytest.raises(ModelLoadError, match="unknown model preset"):
+        load_model("no-such-preset")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the hub sees; the probe is skipped
+    with pytest.raises(ModelLoadError) as info:
+        load_model("meta-llama/Llama-3.1-8B", device="cpu", token="hf_not_a_real_token")
+    assert "\n" not in str(info.value) and "hf_not_a_real_token" not in str(info.value)
+
+
+# -- GPU: bf16 and CUDA-graph capture ---------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_step_over_static_cache():
+    model = _model("tiny", device="cuda", dtype=torch.bfloat16)
+    replace_llama_attention_with_flashcore(model)
+    prompt = torch.randint(0, 512, (1, 40), device="cuda")
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]
+        token = logits.argmax(-1)
+        # eager reference continuation on a second cache
+        ref_cache = StaticCache(config=model.config, max_cache_len=64)
+        model(prompt, past_key_values=ref_cache, use_cache=True)
+        ref_tokens, t = [], token.clone()
+        for _ in range(5):
+            t = model(t, past_key_values=ref_cache, use_cache=True).logits[:, -1:].argmax(-1)
+            ref_tokens.append(t.item())
+        static_in = token.clone()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (compiles the kernels), then undo the cache advance
+            model(static_in, past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                layer.cumulative_length.sub_(1)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            static_out = model(static_in, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        # (capture records the step without running it: the cache is where the warm-up left it)
+        got = []
+        for _ in range(5):
+            graph.replay()
+            got.append(static_out.item())
+            static_in.copy_(static_out)
+    assert got == ref_tokens
