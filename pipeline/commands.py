@@ -1,0 +1,201 @@
+"""Pure builders of the shell commands the steps run (no I/O here: every function returns a string or argv).
+
+Remote layout under the workspace WS (absolute, resolved from the probe's $HOME):
+    WS/                 the synced code (flashcore, tests, pyproject ...), imported from here via PYTHONPATH
+    WS/.venv/           the --system-site-packages venv built on the host's python (+ a .pth naming its site)
+    WS/.flashcore/      runtime files: hf_token (0600), results/ (parity.json, junit.xml, suite.log), suite.pid
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+
+q = shlex.quote
+
+# Root-anchored (leading "/") or any depth; a trailing "/" matches directories only (rsync semantics).
+SYNC_EXCLUDES = (
+    "/.git/", "/.venv/", "/venv/", "/reports/", "/.gpuhost/", "/.tmp/", "/.whl/", "/build/", "/dist/",
+    "/.flashcore/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/",
+    "*.pyc", "*.pyo", ".DS_Store",
+)
+GPU_QUERY_FIELDS = (
+    "index", "name", "uuid", "compute_cap", "memory.total", "memory.used", "driver_version",
+    "ecc.errors.uncorrected.volatile.total", "mig.mode.current",
+)
+APP_QUERY_FIELDS = ("gpu_uuid", "pid", "process_name", "used_memory")
+PROBE_TOOLS = ("rsync", "timeout", "setsid", "tar", "nvidia-smi")
+RESULT_MARKER = "@@result "
+SUITE_TEST = "tests/parity/test_parity_suite.py"
+
+
+def is_excluded(relpath: str, is_dir: bool, patterns: Sequence[str] = SYNC_EXCLUDES) -> bool:
+    """Whether `relpath` (POSIX, relative to the synced root) is excluded; the same rules rsync applies."""
+    parts = relpath.strip("/").split("/")
+    name = parts[-1]
+    for pat in patterns:
+        dir_only = pat.endswith("/")
+        p = pat.rstrip("/")
+        if dir_only and not is_dir:
+            continue
+        if p.startswith("/"):
+            if len(parts) == 1 and fnmatch.fnmatchcase(name, p[1:]):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def expand_home(path: str, home: str) -> str:
+    """`~` / `~/x` -> absolute, given the remote $HOME; relative paths are taken from $HOME too."""
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return f"{home.rstrip('/')}/{path[2:]}"
+    if not path.startswith("/"):
+        return f"{home.rstrip('/')}/{path}"
+    return path
+
+
+def layout(workspace: str) -> dict[str, str]:
+    ws = workspace.rstrip("/")
+    rt = f"{ws}/.flashcore"
+    return {
+        "workspace": ws, "venv": f"{ws}/.venv", "venv_python": f"{ws}/.venv/bin/python",
+        "runtime": rt, "results": f"{rt}/results", "token": f"{rt}/hf_token", "pidfile": f"{rt}/suite.pid",
+        "sync_hash": f"{rt}/sync-hash", "wheelhouse": f"{rt}/wheelhouse", "upload": f"{rt}/upload.tar.gz",
+    }
+
+
+def probe_command(python: str) -> str:
+    """One round trip: who/where we are, which tools exist, and whether the chosen python runs."""
+    lines = ['echo "home=$HOME"', 'echo "user=$(id -un)"', 'echo "os=$(uname -srm)"', 'echo "hostname=$(hostname)"']
+    lines += [f'echo "tool.{t}=$(command -v {t} 2>/dev/null)"' for t in PROBE_TOOLS]
+    lines.append(f'echo "python_path=$(command -v {q(python)} 2>/dev/null)"')
+    lines.append(f"echo \"python_version=$({q(python)} -c 'import sys; print(sys.version.split()[0])' 2>&1 | head -n 1)\"")
+    return "; ".join(lines)
+
+
+def gpu_query_command() -> str:
+    """nvidia-smi, one round trip: per-GPU facts, processes on them, and the header line with CUDA's version."""
+    gpu = f"nvidia-smi --query-gpu={','.join(GPU_QUERY_FIELDS)} --format=csv,noheader,nounits"
+    apps = f"nvidia-smi --query-compute-apps={','.join(APP_QUERY_FIELDS)} --format=csv,noheader,nounits"
+    return ("command -v nvidia-smi >/dev/null 2>&1 || { echo '@@no-nvidia-smi'; exit 0; }; "
+            f"echo '@@gpus'; {gpu} 2>&1; echo \"@@rc=$?\"; echo '@@apps'; {apps} 2>&1; "
+            "echo '@@header'; nvidia-smi 2>&1 | head -n 4")
+
+
+def ssh_command_for_rsync(port: int, identity: str | None, known_hosts: str | None,
+                          connect_timeout: float) -> str:
+    """The `-e` of rsync: the same port, identity and host-key strictness as the pipeline's own connection."""
+    argv = ["ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"ConnectTimeout={max(1, int(connect_timeout))}", "-o", "ServerAliveInterval=15",
+            "-o", "ServerAliveCountMax=4", "-o", "LogLevel=ERROR"]
+    if known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
+    if identity:
+        argv += ["-i", identity, "-o", "IdentitiesOnly=yes"]
+    return shlex.join(argv)
+
+
+def rsync_argv(src_dir: str, dest: str, ssh_command: str | None,
+               excludes: Sequence[str] = SYNC_EXCLUDES) -> list[str]:
+    """Local argv. `dest` is `user@host:/abs/ws` (remote) or a local path (--local); excluded paths on the
+    destination (the venv, runtime files) are protected from --delete."""
+    argv = ["rsync", "-rlt", "--delete", "--stats"]
+    if ssh_command:
+        argv += ["-z", "-e", ssh_command]
+    argv += [f"--exclude={pat}" for pat in excludes]
+    return argv + [src_dir.rstrip("/") + "/", dest.rstrip("/") + "/"]
+
+
+def rsync_dest(user: str, address: str, workspace: str) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"{user}@{host}:{workspace}"
+
+
+def read_file_command(path: str) -> str:
+    return f"cat {q(path)} 2>/dev/null || true"
+
+
+def write_stdin_to_file_command(path: str, mode: int = 0o600) -> str:
+    """Write stdin to `path`, created with `mode` (umask first: never world-readable, not even for a moment)."""
+    parent = path.rsplit("/", 1)[0] or "/"
+    return (f"umask 077 && mkdir -p {q(parent)} && rm -f {q(path)} && cat > {q(path)} && "
+            f"chmod {mode:o} {q(path)}")
+
+
+def remove_file_command(path: str) -> str:
+    return f"rm -f {q(path)}"
+
+
+def untar_command(archive: str, workspace: str, hash_file: str, content_hash: str) -> str:
+    return (f"mkdir -p {q(workspace)} {q(hash_file.rsplit('/', 1)[0])} && tar -xzf {q(archive)} -C {q(workspace)} "
+            f"&& rm -f {q(archive)} && printf %s {q(content_hash)} > {q(hash_file)}")
+
+
+def write_hash_command(hash_file: str, content_hash: str) -> str:
+    return f"mkdir -p {q(hash_file.rsplit('/', 1)[0])} && printf %s {q(content_hash)} > {q(hash_file)}"
+
+
+def python_script_command(python: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:
+    """Run a Python script fed on stdin (`python - ARGS`): no quoting of code, nothing left on the remote disk."""
+    return _env_prefix(env) + shlex.join([python, "-", *args])
+
+
+def install_command(python: str, spec: dict) -> str:
+    return python_script_command(python, [json.dumps(spec, sort_keys=True)])
+
+
+def _env_prefix(env: Mapping[str, str] | None) -> str:
+    if not env:
+        return ""
+    return "env " + " ".join(f"{k}={q(v)}" for k, v in sorted(env.items())) + " "
+
+
+def pythonpath_env(workspace: str) -> str:
+    """Shell fragment: the workspace first on PYTHONPATH, keeping what the host already has there."""
+    return f'PYTHONPATH={q(workspace)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+
+
+def pytest_argv(python: str, model: str, json_path: str, junit_path: str, device: str | None) -> list[str]:
+    argv = [python, "-m", "pytest", SUITE_TEST, "--parity-model", model, "--parity-json", json_path,
+            "--junitxml", junit_path, "-p", "no:cacheprovider", "-q", "-rA"]
+    if device:
+        argv += ["--parity-device", device]
+    return argv
+
+
+def suite_command(workspace: str, inner: str, timeout_s: float, kill_after_s: float,
+                  env: Mapping[str, str] | None = None) -> str:
+    """Run `inner` (a shell command) in the workspace with a remote deadline, as its own process group.
+
+    `setsid` makes `timeout` a session and group leader whose pid lands in suite.pid; at the deadline `timeout`
+    sends TERM to the whole group (then KILL after `kill_after_s`), so nothing is orphaned. The pipeline's local
+    deadline, a little later, kills the same group over a new channel (`kill_group_command`). Output goes to the
+    channel (streamed live) and to results/suite.log; the exit status is the suite's (124/137: timed out).
+    """
+    lay = layout(workspace)
+    rd, pidfile = lay["results"], lay["pidfile"]
+    envs = " ".join(f"{k}={q(v)}" for k, v in sorted((env or {}).items()))
+    body = (f"echo $$ > {q(pidfile)}; cd {q(workspace)} && exec env {pythonpath_env(workspace)} PYTHONUNBUFFERED=1 "
+            f"{envs} timeout --signal=TERM --kill-after={int(kill_after_s)} {int(max(1, timeout_s))} sh -c {q(inner)}")
+    return (f"mkdir -p {q(rd)} && rm -f {q(rd)}/parity.json {q(rd)}/junit.xml {q(rd)}/suite.rc {q(pidfile)} && "
+            f"( setsid -w sh -c {q(body)}; echo $? > {q(rd)}/suite.rc ) 2>&1 | tee {q(rd)}/suite.log; "
+            f"exit \"$(cat {q(rd)}/suite.rc 2>/dev/null || echo 255)\"")
+
+
+def kill_group_command(pidfile: str, grace_s: float = 2.0) -> str:
+    """Kill the suite's process group (TERM, then KILL after a grace period) by the pid recorded in `pidfile`."""
+    return (f"pg=$(cat {q(pidfile)} 2>/dev/null); [ -n \"$pg\" ] || exit 0; kill -TERM -- -\"$pg\" 2>/dev/null; "
+            f"sleep {grace_s:g}; kill -KILL -- -\"$pg\" 2>/dev/null; true")
+
+
+def remote_env(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {k: v for k, v in pairs}
+
+
+def reproduce_command(args: Sequence[str]) -> str:
+    return shlex.join(["flashcore-deploy", *args])

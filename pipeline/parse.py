@@ -1,0 +1,181 @@
+"""Pure parsers: remote output -> typed results (fed by fixture files in the tests; no I/O here)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.commands import RESULT_MARKER
+from pipeline.inventory import GpuSpec, describe_gpu_requirement
+from pipeline.results import GpuInfo, GpuProcess
+
+_NA = {"", "[n/a]", "n/a", "[not supported]", "not supported", "[unknown error]"}
+_CUDA = re.compile(r"CUDA Version:\s*([0-9.]+)")
+_DRIVER = re.compile(r"Driver Version:\s*([0-9.]+)")
+
+
+@dataclass
+class GpuProbe:
+    nvidia_smi: bool               # False: nvidia-smi is not on the host's PATH
+    gpus: list[GpuInfo] = field(default_factory=list)
+    error: str = ""                # nvidia-smi ran but failed (no devices, NVML mismatch ...)
+
+
+def _int(text: str) -> int | None:
+    text = text.strip()
+    if text.lower() in _NA:
+        return None
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _str(text: str) -> str:
+    text = text.strip()
+    return "" if text.lower() in _NA else text
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("@@") and not line.startswith("@@rc="):
+            current = line[2:].strip()
+            out[current] = []
+        elif line.startswith("@@rc="):
+            out.setdefault("rc", []).append(line[5:].strip())
+        elif current is not None:
+            out[current].append(line.rstrip())
+    return out
+
+
+def parse_gpu_query(text: str) -> GpuProbe:
+    """Output of `commands.gpu_query_command()` -> GpuProbe."""
+    sec = _sections(text)
+    if "no-nvidia-smi" in sec:
+        return GpuProbe(nvidia_smi=False)
+    lines = [ln for ln in sec.get("gpus", []) if ln.strip()]
+    rc = (sec.get("rc") or ["0"])[0]
+    header = "\n".join(sec.get("header", []))
+    cuda = (m.group(1) if (m := _CUDA.search(header)) else "")
+    gpus: list[GpuInfo] = []
+    bad: list[str] = []
+    for ln in lines:
+        cols = [c.strip() for c in ln.split(",")]
+        if len(cols) != 9 or _int(cols[0]) is None:
+            bad.append(ln.strip())
+            continue
+        gpus.append(GpuInfo(
+            index=int(cols[0]), name=cols[1], uuid=_str(cols[2]), compute_capability=_str(cols[3]),
+            memory_total_mib=_int(cols[4]), memory_used_mib=_int(cols[5]), driver_version=_str(cols[6]),
+            cuda_version=cuda, ecc_errors=_int(cols[7]), mig_mode=_str(cols[8])))
+    if rc != "0" or (bad and not gpus):
+        return GpuProbe(nvidia_smi=True, gpus=gpus, error=" ".join(bad) or f"nvidia-smi exited with {rc}")
+    by_uuid = {g.uuid: g for g in gpus}
+    for ln in sec.get("apps", []):
+        cols = [c.strip() for c in ln.split(",")]
+        if len(cols) != 4 or _int(cols[1]) is None:
+            continue
+        gpu = by_uuid.get(cols[0])
+        if gpu is not None:
+            gpu.processes.append(GpuProcess(gpu_uuid=cols[0], pid=int(cols[1]), name=cols[2],
+                                            used_memory_mib=_int(cols[3])))
+    return GpuProbe(nvidia_smi=True, gpus=gpus)
+
+
+def _cc_tuple(cc: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in cc.split("."))
+    except ValueError:
+        return ()
+
+
+def check_gpu_requirement(spec: GpuSpec | None, probe: GpuProbe) -> str:
+    """'' when `probe` meets `spec`, else why not (one line). `spec=None` (--require-gpu none) always passes."""
+    if spec is None:
+        return ""
+    need = describe_gpu_requirement(spec)
+    if not probe.nvidia_smi:
+        return f"nvidia-smi not found on the host (need {need}; --require-gpu none runs on the CPU)"
+    if probe.error:
+        return f"nvidia-smi failed: {probe.error} (need {need})"
+    found = ", ".join(sorted({g.name for g in probe.gpus})) or "no GPU"
+    ok = [g for g in probe.gpus if _matches(spec, g)]
+    if len(ok) < spec.min_count:
+        have = f"{len(ok)} matching" if ok else f"found {found}"
+        return f"{have}, need {need}" + (f" ({spec.min_count} of them)" if spec.min_count > 1 else "")
+    return ""
+
+
+def _matches(spec: GpuSpec, gpu: GpuInfo) -> bool:
+    if spec.name and spec.name.lower() not in gpu.name.lower():
+        return False
+    if spec.compute_capability and _cc_tuple(gpu.compute_capability) < _cc_tuple(spec.compute_capability):
+        return False
+    if spec.min_memory_gb and (gpu.memory_total_mib or 0) < spec.min_memory_gb * 1000 * 0.95:
+        # nvidia-smi reports MiB of usable memory: an "80GB" H100 shows 81559 MiB, a "40GB" A100 40960.
+        return False
+    return True
+
+
+def parse_key_values(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key and " " not in key:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_result_line(text: str) -> dict[str, Any] | None:
+    """The last `@@result {json}` line a remote script printed, or None."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            try:
+                return json.loads(line[len(RESULT_MARKER):])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+_RSYNC_SENT = re.compile(r"Total bytes sent:\s*([\d,.]+)")
+_RSYNC_FILES = re.compile(r"Number of regular files transferred:\s*([\d,.]+)")
+
+
+def parse_rsync_stats(text: str) -> tuple[int, int]:
+    """(bytes sent, regular files transferred) from `rsync --stats`."""
+    def num(rx: re.Pattern) -> int:
+        m = rx.search(text)
+        return int(re.sub(r"[,.]", "", m.group(1))) if m else 0
+    return num(_RSYNC_SENT), num(_RSYNC_FILES)
+
+
+def tail(text: str, lines: int = 40, max_chars: int = 6000) -> str:
+    out = "\n".join(text.rstrip().splitlines()[-lines:])
+    return out[-max_chars:]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
+
+
+def parity_summary(doc: dict[str, Any] | None) -> tuple[bool | None, str]:
+    """(passed, one-line summary) of a flashcore.parity/1 document, defensively (any field may be missing)."""
+    if not isinstance(doc, dict):
+        return None, "no parity results"
+    if doc.get("schema") != "flashcore.parity/1":
+        return None, f"unexpected parity schema {doc.get('schema')!r}"
+    scen = [s for s in doc.get("scenarios") or [] if isinstance(s, dict)]
+    failed = [str(s.get("name", "?")) for s in scen if s.get("passed") is False]
+    passed = doc.get("passed")
+    passed = bool(passed) if isinstance(passed, bool) else None
+    text = f"{len(scen) - len(failed)}/{len(scen)} scenarios passed"
+    if failed:
+        text += " (failed: " + ", ".join(failed) + ")"
+    return passed, text
