@@ -189,8 +189,9 @@ def suite_command(workspace: str, inner: str, timeout_s: float, kill_after_s: fl
 
 def kill_group_command(pidfile: str, grace_s: float = 2.0) -> str:
     """Kill the suite's process group (TERM, then KILL after a grace period) by the pid recorded in `pidfile`."""
-    return (f"pg=$(cat {q(pidfile)} 2>/dev/null); [ -n \"$pg\" ] || exit 0; kill -TERM -- -\"$pg\" 2>/dev/null; "
-            f"sleep {grace_s:g}; kill -KILL -- -\"$pg\" 2>/dev/null; true")
+    # `kill -SIG -PGID` without `--`: dash's builtin kill rejects `--`.
+    return (f"pg=$(cat {q(pidfile)} 2>/dev/null); [ -n \"$pg\" ] || exit 0; kill -TERM -\"$pg\" 2>/dev/null; "
+            f"sleep {grace_s:g}; kill -KILL -\"$pg\" 2>/dev/null; true")
 
 
 def remote_env(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -358,7 +358,7 @@ def _open_connection(cfg: HostConfig):
     client = SSHClient()
     kh = _known_hosts_path(cfg)
     if cfg.known_hosts:
-        if kh.is_file():
+        if kh.exists():
             client.load_host_keys(str(kh))
         elif not cfg.accept_new_host_key:
             raise HostKeyError(f"{cfg.label}: known_hosts file {kh} does not exist (strict host keys; "

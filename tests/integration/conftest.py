@@ -1,0 +1,146 @@
+"""A real OpenSSH sshd on 127.0.0.1 (free non-default port, key-only, its own host key and known_hosts), started
+once per session, and helpers to run the real `flashcore-deploy` against it as a subprocess.
+
+Skipped, with the reason, only when sshd is not installed (scripts/bootstrap.sh installs it in CI)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if Path(p).exists()), None)
+KEYGEN = shutil.which("ssh-keygen")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Sshd:
+    port: int
+    dir: Path
+    client_key: Path
+    wrong_key: Path
+    known_hosts: Path
+    host_pub: str            # "ssh-ed25519 AAAA..."
+    log: Path
+    commands: Path           # every command line the pipeline ran on this "remote"
+
+    def base_args(self, **over) -> list[str]:
+        args = {"--host": "127.0.0.1", "--port": str(self.port), "--user": os.environ.get("USER") or "root",
+                "--identity": str(self.client_key), "--known-hosts": str(self.known_hosts),
+                "--connect-timeout": "5"}
+        args.update({k: v for k, v in over.items() if v is not None})
+        return [x for kv in args.items() for x in kv]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> Sshd:
+    if not SSHD or not KEYGEN:
+        pytest.skip("OpenSSH server not installed (scripts/bootstrap.sh installs openssh-server)")
+    if os.geteuid() != 0:
+        pytest.skip("the loopback sshd fixture runs as root (sshd privilege separation)")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key", "wrong_key"):
+        _keygen(d / name)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = free_port()
+    log = d / "sshd.log"
+    # Every command line the pipeline sends is recorded (ForceCommand wrapper -> commands.log) and then run
+    # as sshd would (sh -c); the token test greps that log. SFTP requests go to the real sftp-server.
+    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                             "/usr/lib/ssh/sftp-server") if Path(p).exists()), "internal-sftp")
+    wrapper = d / "logcmd.sh"
+    wrapper.write_text(f"""#!/bin/sh
+printf '%s\\n' "$SSH_ORIGINAL_COMMAND" >> {d}/commands.log
+case "$SSH_ORIGINAL_COMMAND" in
+  *sftp-server|internal-sftp|sftp) exec {sftp if sftp != "internal-sftp" else "false"} ;;
+esac
+exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+""")
+    wrapper.chmod(0o755)
+    (d / "sshd_config").write_text(f"""\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile {d}/sshd.pid
+LogLevel VERBOSE
+MaxSessions 50
+MaxStartups 50
+ForceCommand {wrapper}
+Subsystem sftp {sftp}
+""")
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"sshd exited: {log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+    host_pub = " ".join((d / "host_key.pub").read_text().split()[:2])
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+    yield Sshd(port, d, d / "client_key", d / "wrong_key", d / "known_hosts", host_pub, log, d / "commands.log")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    seconds: float
+    report_dir: Path
+
+    def report(self) -> dict:
+        import json
+        files = sorted(self.report_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        assert files, f"no report written in {self.report_dir}:\n{self.out}"
+        return json.loads(files[-1].read_text())
+
+    def report_md(self) -> str:
+        files = sorted(self.report_dir.glob("*.md"), key=lambda p: p.stat().st_mtime)
+        assert files, f"no Markdown report in {self.report_dir}"
+        return files[-1].read_text()
+
+
+def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240) -> Run:
+    """Run the real CLI (`python -m pipeline.cli`) as a subprocess, output captured (stdout+stderr)."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    e.update(env or {})
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
+                       cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """One remote workspace shared by the tests, so the venv is built once and reused (as on a real host)."""
+    return tmp_path_factory.mktemp("remote") / "flashcore-workspace"

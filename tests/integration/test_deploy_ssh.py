@@ -1,0 +1,201 @@
+"""flashcore-deploy end to end over a real sshd on loopback: the happy path once (the real parity suite, tiny
+preset, CPU), a warm re-run, and every failure the issue names, each with its exit code and a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REPO, deploy, free_port
+
+pytestmark = pytest.mark.integration
+SUITE = REPO / "tests" / "parity" / "test_parity_suite.py"
+ALL_BUT_CONNECT = ["--skip", "gpu", "--skip", "sync", "--skip", "install", "--skip", "token", "--skip", "suite"]
+CPU = ["--require-gpu", "none", "--model", "tiny", "--python", sys.executable]
+
+
+@pytest.fixture(scope="session")
+def happy(sshd, workspace, tmp_path_factory):
+    if not SUITE.exists():
+        pytest.skip(f"the parity suite {SUITE.relative_to(REPO)} has not landed yet")
+    reports = tmp_path_factory.mktemp("reports-happy")
+    return deploy(sshd.base_args() + CPU + ["--workspace", str(workspace), "--timeout", "600"], reports, timeout=900)
+
+
+def test_happy_path_passes_and_reports_everything(happy, sshd):
+    assert happy.code == 0, happy.out[-4000:]
+    doc = happy.report()
+    assert doc["schema"] == "flashcore.report/1"
+    assert doc["verdict"] == "PASSED" and doc["exit_code"] == 0
+    assert [s["name"] for s in doc["steps"]] == ["connect", "gpu", "sync", "install", "token", "suite", "report"]
+    status = {s["name"]: s["status"] for s in doc["steps"]}
+    assert status == {"connect": "ok", "gpu": "ok", "sync": "ok", "install": "ok", "token": "skipped",
+                      "suite": "ok", "report": "ok"}
+    assert doc["device"] == "cpu" and doc["model"] == "tiny"
+    assert doc["sync"]["method"] == "rsync" and len(doc["sync"]["content_hash"]) == 64
+    for key in ("python", "torch", "triton", "transformers", "flashcore", "flashcore_revision"):
+        assert doc["versions"].get(key), key
+    assert doc["parity"]["schema"] == "flashcore.parity/1" and doc["parity"]["passed"] is True
+
+
+def test_happy_path_streams_and_fetches_artifacts(happy, sshd):
+    assert f"[127.0.0.1:{sshd.port} suite]" in happy.out       # live output, with the step shown
+    doc = happy.report()
+    for name in ("parity.json", "junit.xml", "suite.log"):
+        path = Path(doc["artifacts"][name])
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert "<testsuite" in Path(doc["artifacts"]["junit.xml"]).read_text()
+    md = happy.report_md()
+    assert md.splitlines()[0].endswith("PASSED")                # verdict first
+    for section in ("## Host and GPU", "## Versions", "## Steps", "## Parity", "## Decode latency",
+                    "## Memory", "## Failures", "## Reproduce"):
+        assert section in md
+    assert "the suite ran on the CPU" in md or "on the CPU" in md
+    assert f"--port {sshd.port}" in md
+
+
+def test_warm_rerun_sends_almost_nothing(happy, sshd, workspace, tmp_path):
+    assert happy.code == 0
+    run = deploy(sshd.base_args() + CPU + ["--workspace", str(workspace), "--skip", "suite"], tmp_path)
+    assert run.code == 0, run.out[-3000:]
+    doc = run.report()
+    assert doc["sync"]["method"] == "rsync" and doc["sync"]["bytes_sent"] < 20000
+    assert "0 of" in doc["steps"][2]["detail"]
+    assert "venv reused" in doc["steps"][3]["detail"]
+    assert doc["sync"]["content_hash"] == happy.report()["sync"]["content_hash"]
+
+
+def test_closed_port_exits_3_within_connect_timeout(tmp_path):
+    port = free_port()
+    t0 = time.monotonic()
+    run = deploy(["--host", "127.0.0.1", "--port", str(port), "--connect-timeout", "3", "--known-hosts",
+                  os.devnull, *CPU], tmp_path)
+    assert run.code == 3, run.out
+    assert time.monotonic() - t0 < 3 + 5
+    doc = run.report()
+    assert doc["verdict"] == "UNREACHABLE" and "cannot connect" in doc["error"]
+    assert [s["status"] for s in doc["steps"][1:-1]] == ["skipped"] * 5
+
+
+def test_unknown_host_key_refused_then_accepted_new(sshd, tmp_path):
+    kh = tmp_path / "known_hosts"
+    kh.write_text("")
+    run = deploy(sshd.base_args(**{"--known-hosts": str(kh)}) + CPU + ALL_BUT_CONNECT, tmp_path / "r1")
+    assert run.code == 3, run.out
+    assert "unknown host key" in run.report()["error"]
+    assert kh.read_text() == ""
+    run = deploy(sshd.base_args(**{"--known-hosts": str(kh)}) + CPU + ALL_BUT_CONNECT + ["--accept-new-host-key"],
+                 tmp_path / "r2")
+    assert run.code == 0, run.out
+    assert sshd.host_pub in kh.read_text() and f"[127.0.0.1]:{sshd.port}" in kh.read_text()
+    run = deploy(sshd.base_args(**{"--known-hosts": str(kh)}) + CPU + ALL_BUT_CONNECT, tmp_path / "r3")
+    assert run.code == 0, run.out                      # recorded: strict checking now passes
+
+
+def test_changed_host_key_refused_even_with_accept_new(sshd, tmp_path):
+    other = sshd.dir / "wrong_key.pub"                 # any other ed25519 key stands in for the old host key
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.read_text().split()[:2])}\n")
+    run = deploy(sshd.base_args(**{"--known-hosts": str(kh)}) + CPU + ALL_BUT_CONNECT + ["--accept-new-host-key"],
+                 tmp_path)
+    assert run.code == 3, run.out
+    assert "host key CHANGED" in run.report()["error"]
+    assert run.report()["verdict"] == "REFUSED: host key"
+
+
+def test_wrong_key_exits_3(sshd, tmp_path):
+    run = deploy(sshd.base_args(**{"--identity": str(sshd.wrong_key)}) + CPU + ALL_BUT_CONNECT, tmp_path)
+    assert run.code == 3, run.out
+    assert run.report()["verdict"] == "REFUSED: authentication"
+    assert "flashcore-deploy" not in run.out or "Traceback" not in run.out
+
+
+def test_no_nvidia_smi_with_h100_required_exits_4(sshd, tmp_path):
+    run = deploy(sshd.base_args() + ["--require-gpu", "H100", "--python", sys.executable], tmp_path)
+    assert run.code == 4, run.out
+    doc = run.report()
+    assert doc["verdict"] == "GPU REQUIREMENT NOT MET" and "nvidia-smi not found" in doc["error"]
+    assert {s["name"]: s["status"] for s in doc["steps"]}["gpu"] == "failed"
+    assert "GPU REQUIREMENT NOT MET" in run.report_md().splitlines()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _hanging_suite(tmp_path: Path) -> tuple[str, Path]:
+    pids = tmp_path / "pids"
+    script = tmp_path / "hang.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {pids}\nsleep 300 &\necho $! >> {pids}\necho hanging\nwait\n")
+    script.chmod(0o755)
+    return str(script), pids
+
+
+def test_remote_suite_hang_killed_at_timeout_exits_5(sshd, workspace, tmp_path):
+    script, pids = _hanging_suite(tmp_path)
+    t0 = time.monotonic()
+    run = deploy(sshd.base_args() + CPU + ["--workspace", str(workspace), "--skip", "sync", "--skip", "install",
+                                           "--timeout", "2", "--suite-command", script], tmp_path / "r")
+    assert run.code == 5, run.out
+    assert time.monotonic() - t0 < 30
+    doc = run.report()
+    assert "timed out after 2 s" in doc["error"]
+    assert {s["name"]: s["status"] for s in doc["steps"]}["suite"] == "failed"
+    assert "hanging" in run.out                        # streamed before the kill
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) == 2
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in started), "orphaned remote process"
+
+
+def test_local_deadline_kills_remote_group_over_new_channel(sshd, workspace, tmp_path):
+    """The connection-side deadline: the remote `timeout` is far away (100 s); the local one (2 s) must end
+    the command and kill its whole process group through a new channel."""
+    from pipeline import commands
+    from pipeline.inventory import HostConfig
+    from pipeline.remote import SSHRemote
+
+    script, pids = _hanging_suite(tmp_path)
+    cfg = HostConfig(name="t", address="127.0.0.1", port=sshd.port, user=os.environ.get("USER") or "root",
+                     identity=str(sshd.client_key), known_hosts=str(sshd.known_hosts), gpu=None)
+    lay = commands.layout(str(workspace))
+    with SSHRemote.connect(cfg) as remote:
+        res = remote.run(commands.suite_command(lay["workspace"], script, 100, 5), timeout=2,
+                         pidfile=lay["pidfile"])
+    assert res.timed_out
+    started = [int(x) for x in pids.read_text().split()]
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in started), "orphaned remote process"
+
+
+def test_tar_fallback_when_no_local_rsync(sshd, tmp_path):
+    """No rsync client here (PATH without it): the code goes as a tarball over SFTP; unchanged code then
+    sends nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("git", "sh"):
+        (bin_dir / tool).symlink_to(__import__("shutil").which(tool))
+    ws = tmp_path / "ws"
+    env = {"PATH": str(bin_dir)}
+    args = sshd.base_args() + CPU + ["--workspace", str(ws), "--skip", "install", "--skip", "suite"]
+    first = deploy(args, tmp_path / "r1", env=env)
+    assert first.code == 0, first.out
+    doc = first.report()
+    assert doc["sync"]["method"] == "tar" and doc["sync"]["bytes_sent"] > 1000
+    assert (ws / "pipeline" / "steps.py").read_bytes() == (REPO / "pipeline" / "steps.py").read_bytes()
+    second = deploy(args, tmp_path / "r2", env=env)
+    assert second.code == 0 and second.report()["sync"]["method"] == "unchanged"
+    assert second.report()["sync"]["bytes_sent"] == 0
