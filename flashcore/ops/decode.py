@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg
+from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg, use_custom_op
 
 LOG2E = 1.4426950408889634
 
@@ -131,14 +131,16 @@ def _sm_count(device: torch.device) -> int:
 def _decode_config(head_dim: int, on_gpu: bool) -> dict:
     """Key block and launch parameters (fixed: no autotune, so the first call is capturable)."""
     if not on_gpu:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=1, min_chunk=64)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3, min_chunk=256)
+        return dict(BLOCK_N=32, num_warps=4, num_stages=1, min_chunk=64, waves=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3, min_chunk=256, waves=2)
 
 
-def choose_num_splits(batch: int, hkv: int, s_max: int, sm_count: int, block_n: int, min_chunk: int) -> int:
-    """Splits of the cache per (row, KV head): enough programs to fill about two waves of the GPU, but no split
-    shorter than min_chunk keys (each split costs a partial write and a merge)."""
-    want = triton.cdiv(2 * sm_count, batch * hkv)
+def choose_num_splits(batch: int, hkv: int, s_max: int, sm_count: int, block_n: int, min_chunk: int,
+                      waves: int = 2) -> int:
+    """Splits of the cache per (row, KV head): enough programs for `waves` programs per multiprocessor (more
+    waves shrink the idle tail of the last one), but no split shorter than min_chunk keys (each split costs a
+    partial write and a merge)."""
+    want = triton.cdiv(waves * sm_count, batch * hkv)
     most = max(1, triton.cdiv(s_max, max(min_chunk, block_n)))
     return max(1, min(want, most))
 
@@ -149,8 +151,7 @@ def _split_chunk(s_max: int, num_splits: int, block_n: int) -> tuple[int, int]:
     return chunk, max(1, triton.cdiv(s_max, chunk))
 
 
-@torch.library.custom_op("flashcore::decode_attention", mutates_args=())
-def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
+def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
                kv_start: torch.Tensor | None, kv_start_int: int, sm_scale: float, num_splits: int) -> torch.Tensor:
     # q: [B, Hq, 1, D]  k_cache, v_cache: [B, Hkv, S_max, D]  kv_lens: [B]  (checked by decode_attention)
     batch, hq, _, d = q.shape
@@ -164,7 +165,8 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv
     cfg = _decode_config(d, q.is_cuda)
     group = hq // hkv
     if num_splits <= 0:
-        num_splits = choose_num_splits(batch, hkv, s_max, _sm_count(q.device), cfg["BLOCK_N"], cfg["min_chunk"])
+        num_splits = choose_num_splits(batch, hkv, s_max, _sm_count(q.device), cfg["BLOCK_N"], cfg["min_chunk"],
+                                       cfg["waves"])
     chunk, num_splits = _split_chunk(s_max, num_splits, cfg["BLOCK_N"])
     part_out = torch.empty(batch, hq, num_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, hq, num_splits, dtype=torch.float32, device=q.device)
@@ -184,6 +186,9 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv
         NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=d, num_warps=4,
     )
     return out
+
+
+_decode_op = torch.library.custom_op("flashcore::decode_attention", mutates_args=())(_decode_launch)
 
 
 @_decode_op.register_fake
@@ -206,5 +211,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     start_t, start_i = split_row_arg("decode_attention", "kv_start", kv_start, batch, 0, q.device)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"decode_attention: num_splits must be a positive int or None, got {num_splits!r}")
-    return _decode_op(q, k_cache, v_cache, lens_t, start_t, start_i, default_scale(sm_scale, q.shape[3]),
+    launch = _decode_op if use_custom_op() else _decode_launch
+    return launch(q, k_cache, v_cache, lens_t, start_t, start_i, default_scale(sm_scale, q.shape[3]),
                       num_splits or 0)

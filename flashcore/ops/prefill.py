@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg
+from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg, use_custom_op
 
 LOG2E = 1.4426950408889634
 
@@ -30,14 +30,14 @@ def _row_bound(ptr, fallback, b, HAS_TENSOR: tl.constexpr):
 def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n, offs_d,
                     lo, hi, kv_lo, kv_hi, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """Online-softmax sweep over key blocks [lo, hi) (FlashAttention-2, Algorithm 1, inner loop).
 
     MASKED=False is the fast path for blocks where every (query, key) pair is allowed; MASKED=True applies
     kv_lo <= j < kv_hi, the causal bound j <= offs_m_key, and zero-fills loads outside the valid keys so that
     garbage (NaN/inf) in a static cache or padding never reaches the sums.
     """
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_j = start_n + offs_n
         if MASKED:
             valid_j = (offs_j >= kv_lo) & (offs_j < kv_hi)
@@ -53,7 +53,10 @@ def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs
             qk = tl.where(allowed, qk, float("-inf"))
         # -- update running max; a row with nothing allowed yet keeps m = -inf and uses 0 as its shift
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_shift = m_new  # every key allowed: the max is finite
         p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         # -- rescale the running denominator and accumulator, add this block
@@ -77,15 +80,18 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr,
                     HAS_QOFF: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
+                    LEFT_PAD: tl.constexpr,       # some row may start after key 0 (kv_start given): edge loop needed
+                    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
+                    NUM_STAGES: tl.constexpr,     # pipelining depth of the unmasked key loop
+                    MASKED_STAGES: tl.constexpr):  # of the masked edge loops (1-2 blocks: shallow saves smem)  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
     """One program = BLOCK_M queries of one (batch row, query head): FlashAttention-2 forward.
 
     For the queries i of the tile, O_i = sum_j softmax_j(q_i . k_j * sm_scale) v_j over allowed keys j, computed
     in one pass with the online softmax (Dao, "FlashAttention-2", 2023, Alg. 1): running max m, running
     denominator l, unnormalised accumulator acc, rescaled by exp2(m_old - m_new) as each key block arrives.
     Scores use exp2 with sm_scale * log2(e) folded into qk_scale. Key blocks are swept in up to three loops:
-    a masked block at the left edge (kv_start), unmasked full blocks, then masked blocks on the causal
-    diagonal / right edge (kv_end). Rows with no allowed key keep l = 0 and store 0.
+    a masked block at the left edge (kv_start, only when LEFT_PAD), unmasked full blocks, then masked blocks on
+    the causal diagonal / right edge (kv_end). Rows with no allowed key keep l = 0 and store 0.
     """
     # Heavy causal tiles (late queries) first: they see the most keys, so the grid tail is light.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -95,7 +101,9 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
     kvh = h // GROUP
 
     q_off = _row_bound(QOff, q_off_int, b, HAS_QOFF)
-    kv_lo = tl.maximum(_row_bound(KVStart, kv_start_int, b, HAS_KV_START), 0)
+    kv_lo = 0
+    if LEFT_PAD:
+        kv_lo = tl.maximum(_row_bound(KVStart, kv_start_int, b, HAS_KV_START), 0)
     kv_hi = tl.minimum(_row_bound(KVEnd, kv_end_int, b, HAS_KV_END), SKV)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,32 +120,26 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # -- key range of this tile: [kv_lo, hi); full blocks [full_lo, full_hi) need no mask
+    # -- key range of this tile: [kv_lo, hi). Blocks in [full_lo, full_hi) are allowed for every query of the
+    #    tile and skip the mask; the blocks around them (left padding edge, causal diagonal, kv_end) are masked.
     hi = kv_hi
     full_end = kv_hi
     if CAUSAL:
-        hi = tl.minimum(hi, q_off + pid_m * BLOCK_M + BLOCK_M)     # last query of the tile sees keys < hi
-        full_end = tl.minimum(full_end, q_off + pid_m * BLOCK_M + 1)  # first query of the tile sees keys < this
-    first_block = (kv_lo // BLOCK_N) * BLOCK_N
-    full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, q_off + pid_m * BLOCK_M + BLOCK_M)        # the tile's last query sees keys < hi
+        full_end = tl.minimum(full_end, q_off + pid_m * BLOCK_M + 1)  # its first query sees keys < full_end
+    full_lo = 0
+    if LEFT_PAD:
+        full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                        offs_d, (kv_lo // BLOCK_N) * BLOCK_N, full_lo, kv_lo, kv_hi, qk_scale,
+                                        True, CAUSAL, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
     full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
-    if full_end // BLOCK_N * BLOCK_N <= full_lo:
-        # no full block: one masked sweep
-        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                        offs_d, first_block, hi, kv_lo, kv_hi, qk_scale,
-                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
-    else:
-        # left edge (kv_start not block aligned): at most one masked block
-        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                        offs_d, first_block, full_lo, kv_lo, kv_hi, qk_scale,
-                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
-        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                        offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
-                                        False, CAUSAL, BLOCK_N, DOT_PRECISION)
-        # causal diagonal and right edge (kv_end)
-        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                        offs_d, full_hi, hi, kv_lo, kv_hi, qk_scale,
-                                        True, CAUSAL, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                    offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
+                                    False, CAUSAL, BLOCK_N, DOT_PRECISION, NUM_STAGES)
+    acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
+                                    offs_d, full_hi, hi, kv_lo, kv_hi, qk_scale,
+                                    True, CAUSAL, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
 
     # -- normalise; fully masked rows (l = 0) have acc = 0 and store exactly 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -149,16 +151,15 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
 def _prefill_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """Tile sizes and launch parameters (fixed, no autotune: no syncs, predictable under graphs)."""
     if not on_gpu:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, masked_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, masked_stages=1)
     if head_dim == 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, masked_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1)
 
 
-@torch.library.custom_op("flashcore::prefill_attention", mutates_args=())
-def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor | None,
+def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor | None,
                 kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, q_offset_int: int, kv_start_int: int,
                 kv_end_int: int, causal: bool, sm_scale: float) -> torch.Tensor:
     # q: [B, Hq, Sq, D]  k, v: [B, Hkv, Skv, D]  (checked by prefill_attention)
@@ -185,10 +186,15 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: tor
         hq, sq, skv,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
         HAS_QOFF=q_offset is not None, HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None,
+        LEFT_PAD=kv_start is not None or kv_start_int > 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        NUM_STAGES=cfg["num_stages"], MASKED_STAGES=cfg["masked_stages"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+_prefill_op = torch.library.custom_op("flashcore::prefill_attention", mutates_args=())(_prefill_launch)
 
 
 @_prefill_op.register_fake
@@ -209,5 +215,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     q_off_t, q_off_i = split_row_arg("prefill_attention", "q_offset", q_offset, batch, skv - sq, q.device)
     start_t, start_i = split_row_arg("prefill_attention", "kv_start", kv_start, batch, 0, q.device)
     end_t, end_i = split_row_arg("prefill_attention", "kv_end", kv_end, batch, skv, q.device)
-    return _prefill_op(q, k, v, q_off_t, start_t, end_t, q_off_i, start_i, end_i, bool(causal),
+    launch = _prefill_op if use_custom_op() else _prefill_launch
+    return launch(q, k, v, q_off_t, start_t, end_t, q_off_i, start_i, end_i, bool(causal),
                        default_scale(sm_scale, d))

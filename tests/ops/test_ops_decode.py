@@ -155,3 +155,17 @@ def test_cuda_graph_replay_follows_kv_lens(device):
         ref = decode_reference(q, k, v, kv_lens)
         sdpa = sdpa_same_dtype(q, k, v, causal=False, kv_end=kv_lens)
         assert_close_to_reference(out, ref, sdpa)
+
+
+def test_registered_op_and_fake_tensor(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = qkv(2, 4, 2, 1, 40, 64, dtype=torch.float32, device=device, seed=47)
+    kv_lens = torch.tensor([40, 9], device=device)
+    eager = decode_attention(q, k, v, kv_lens)
+    via_op = torch.ops.flashcore.decode_attention(q, k, v, kv_lens, None, 0, 0.125, 0)
+    torch.testing.assert_close(via_op, eager, rtol=0, atol=0)
+    with FakeTensorMode() as mode:
+        fake = decode_attention(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v),
+                                mode.from_tensor(kv_lens))
+    assert fake.shape == eager.shape and fake.stride() == eager.stride()

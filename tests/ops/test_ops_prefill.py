@@ -148,3 +148,17 @@ def test_llama_shape_bf16(sq, skv, device):
     q, k, v = qkv(2, 32, 8, sq, skv, 128, dtype=torch.bfloat16, device=device, seed=sq)
     _check(q, k, v)
     _check(q, k, v, kv_start=torch.tensor([0, skv // 3], device=device))
+
+
+def test_registered_op_and_fake_tensor(device):
+    # The dispatcher path (torch.ops.flashcore.*) equals the eager path; under fake tensors the fake kernel
+    # gives the output's shape and [B, Sq, Hq, D]-buffer strides without launching anything.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = qkv(1, 4, 2, 7, 33, 64, dtype=torch.float32, device=device, seed=43)
+    eager = prefill_attention(q, k, v)
+    via_op = torch.ops.flashcore.prefill_attention(q, k, v, None, None, None, 26, 0, 33, True, 0.125)
+    torch.testing.assert_close(via_op, eager, rtol=0, atol=0)
+    with FakeTensorMode() as mode:
+        fake = prefill_attention(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v))
+    assert fake.shape == eager.shape and fake.stride() == eager.stride()
