@@ -191,35 +191,35 @@ def test_unknown_preset_and_unreachable_hub_fail_in_one_line(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_step_over_static_cache():
+    """A decode step captured as a CUDA graph over a StaticCache replays to the same tokens as eager decoding."""
+    from flashcore.parity.latency import _static_cache, _step_kwargs
     model = _model("tiny", device="cuda", dtype=torch.bfloat16)
     replace_llama_attention_with_flashcore(model)
     prompt = torch.randint(0, 512, (1, 40), device="cuda")
-    cache = StaticCache(config=model.config, max_cache_len=64)
+    positions = torch.arange(40, device="cuda").view(1, -1)
+
+    def prefilled():
+        cache = _static_cache(model, 64)
+        logits = model(prompt, **{**_step_kwargs(model, cache, positions), "logits_to_keep": 1}).logits
+        return cache, logits[:, -1:].argmax(-1)
+
     with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]
-        token = logits.argmax(-1)
-        # eager reference continuation on a second cache
-        ref_cache = StaticCache(config=model.config, max_cache_len=64)
-        model(prompt, past_key_values=ref_cache, use_cache=True)
-        ref_tokens, t = [], token.clone()
+        ref_cache, t = prefilled()
+        pos = torch.full((1, 1), 40, device="cuda")
+        ref_tokens = []
         for _ in range(5):
-            t = model(t, past_key_values=ref_cache, use_cache=True).logits[:, -1:].argmax(-1)
+            t = model(t, **_step_kwargs(model, ref_cache, pos)).logits[:, -1:].argmax(-1)
             ref_tokens.append(t.item())
-        static_in = token.clone()
+            pos = pos + 1
+        cache, token = prefilled()
+        position = torch.full((1, 1), 40, device="cuda")
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (compiles the kernels), then undo the cache advance
-            model(static_in, past_key_values=cache, use_cache=True)
-            for layer in cache.layers:
-                layer.cumulative_length.sub_(1)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            static_out = model(static_in, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        # (capture records the step without running it: the cache is where the warm-up left it)
+        with torch.cuda.graph(graph):  # the kernels were compiled by the eager steps above
+            out = model(token, **_step_kwargs(model, cache, position)).logits
+            token.copy_(out[:, -1:].argmax(-1))
+            position.add_(1)
         got = []
         for _ in range(5):
             graph.replay()
-            got.append(static_out.item())
-            static_in.copy_(static_out)
+            got.append(token.item())
     assert got == ref_tokens

@@ -1,0 +1,133 @@
+"""Decode latency at a long cache: flashcore vs SDPA, ms per generated token, in the same process.
+
+    eager       plain Python decoding over a DynamicCache (what HF generate does), greedy token fed back
+    cuda_graph  one decode step (forward + argmax + feeding the token back + advancing the position) captured
+                as a CUDA graph over a StaticCache, then replayed: no Python and no host sync per token
+
+GPU only (CUDA events need a device; on the CPU the kernels run in the Triton interpreter, so a time says
+nothing about them). Each mode is isolated: a failure becomes that row's note, never the whole suite's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import StaticCache
+
+from flashcore.integrations import set_attention
+from flashcore.parity import decoding
+from flashcore.parity.results import Latency, LatencyRow
+
+
+@dataclass
+class Timing:
+    ms_per_token: float | None
+    note: str = ""
+
+
+def _static_cache(model, max_len: int):
+    try:
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    except TypeError:  # older 5.x signature
+        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_len,
+                           device=model.device, dtype=model.dtype)
+
+
+def _wants_cache_position(model) -> bool:
+    return "cache_position" in inspect.signature(model.forward).parameters
+
+
+def _step_kwargs(model, cache, position: torch.Tensor) -> dict:
+    kwargs = {decoding.cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1, "position_ids": position}
+    if _wants_cache_position(model):  # transformers versions whose StaticCache writes at cache_position
+        kwargs["cache_position"] = position.view(-1)
+    return kwargs
+
+
+@torch.no_grad()
+def time_eager(model, prompt: torch.Tensor, steps: int, warmup: int = 4) -> Timing:
+    cache = decoding.new_cache(model)
+    logits = decoding.forward(model, prompt, cache, None, None)
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(warmup):
+        token = decoding.forward(model, token, cache, None, None)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = decoding.forward(model, token, cache, None, None)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return Timing((time.perf_counter() - start) * 1e3 / steps, "DynamicCache, Python loop, greedy")
+
+
+@torch.no_grad()
+def time_cuda_graph(model, prompt: torch.Tensor, steps: int, warmup: int = 3) -> Timing:
+    cache_len = prompt.shape[1]
+    max_len = cache_len + steps + warmup + 8
+    # warm up on a scratch cache of the same shape: compiles the kernels and initialises cuBLAS outside capture
+    scratch = _static_cache(model, max_len)
+    pos0 = torch.zeros(1, 1, dtype=torch.long, device=prompt.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model(input_ids=prompt[:, :1], **_step_kwargs(model, scratch, pos0))
+    torch.cuda.current_stream().wait_stream(side)
+    del scratch
+
+    cache = _static_cache(model, max_len)
+    positions = torch.arange(cache_len, device=prompt.device).view(1, -1)
+    kwargs = {decoding.cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1, "position_ids": positions}
+    if _wants_cache_position(model):
+        kwargs["cache_position"] = positions.view(-1)
+    logits = model(input_ids=prompt, **kwargs).logits
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    position = torch.full((1, 1), cache_len, dtype=torch.long, device=prompt.device)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(input_ids=token, **_step_kwargs(model, cache, position)).logits
+        token.copy_(out[:, -1].argmax(-1, keepdim=True))
+        position.add_(1)
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return Timing((time.perf_counter() - start) * 1e3 / steps,
+                  f"StaticCache({max_len}), one captured decode step replayed {steps}x")
+
+
+def _isolated(fn, *args) -> Timing:
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - a mode that cannot run is reported, not fatal
+        torch.cuda.synchronize()
+        return Timing(None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+
+
+def measure(model, attn: str, cache_len: int = 2048, steps: int = 32, seed: int = 0) -> Latency:
+    """flashcore (`attn`) vs SDPA decode latency after a cache_len-token prompt, eager and CUDA graph."""
+    if not torch.cuda.is_available() or model.device.type != "cuda":
+        return Latency(cache_len=cache_len, rows=[], skipped_reason=cpu_skip_reason())
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cache_len), generator=g).to(model.device)
+    rows = []
+    for mode, fn in (("eager", time_eager), ("cuda_graph", time_cuda_graph)):
+        fc = _isolated(fn, set_attention(model, attn), prompt, steps)
+        sdpa = _isolated(fn, set_attention(model, "sdpa"), prompt, steps)
+        speedup = sdpa.ms_per_token / fc.ms_per_token if fc.ms_per_token and sdpa.ms_per_token else None
+        note = fc.note if fc.note == sdpa.note else f"flashcore: {fc.note}; sdpa: {sdpa.note}"
+        rows.append(LatencyRow(mode=mode, flashcore_ms=fc.ms_per_token, sdpa_ms=sdpa.ms_per_token, speedup=speedup,
+                               note=f"{note}; batch 1, {steps} tokens after a {cache_len}-token prompt"))
+    set_attention(model, attn)
+    return Latency(cache_len=cache_len, rows=rows, skipped_reason=None)
+
+
+def cpu_skip_reason() -> str:
+    return ("no CUDA device: on the CPU the kernels run in the Triton interpreter, whose timings say nothing "
+            "about the kernels")
