@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _host_from_args(a: argparse.Namespace) -> HostConfig:
     gpu_default = "none" if a.local else "H100"
     try:
-        gpu = parse_gpu_requirement(a.require_gpu or gpu_default)
+        gpu = parse_gpu_requirement(gpu_default if a.require_gpu is None else a.require_gpu)
     except ValueError as e:
         raise UsageError(f"--require-gpu: {e}") from None
     if a.local:
@@ -116,7 +116,7 @@ def _overrides(a: argparse.Namespace, cfg: HostConfig) -> HostConfig:
     if a.accept_new_host_key:
         kw["accept_new_host_key"] = True
     cfg = cfg.with_overrides(**kw)
-    if a.require_gpu:
+    if a.require_gpu is not None:
         try:
             from dataclasses import replace
             cfg = replace(cfg, gpu=parse_gpu_requirement(a.require_gpu))

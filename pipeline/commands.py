@@ -155,9 +155,11 @@ def _env_prefix(env: Mapping[str, str] | None) -> str:
     return "env " + " ".join(f"{k}={q(v)}" for k, v in sorted(env.items())) + " "
 
 
-def pythonpath_env(workspace: str) -> str:
-    """Shell fragment: the workspace first on PYTHONPATH, keeping what the host already has there."""
-    return f'PYTHONPATH={q(workspace)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+def pythonpath_env(workspace: str, extra: str = "") -> str:
+    """Shell fragment: the workspace first on PYTHONPATH, then `extra` (the inventory's env), then what the
+    host already has there."""
+    head = workspace + (":" + extra if extra else "")
+    return f'PYTHONPATH={q(head)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
 
 
 def pytest_argv(python: str, model: str, json_path: str, junit_path: str, device: str | None) -> list[str]:
@@ -179,8 +181,11 @@ def suite_command(workspace: str, inner: str, timeout_s: float, kill_after_s: fl
     """
     lay = layout(workspace)
     rd, pidfile = lay["results"], lay["pidfile"]
-    envs = " ".join(f"{k}={q(v)}" for k, v in sorted((env or {}).items()))
-    body = (f"echo $$ > {q(pidfile)}; cd {q(workspace)} && exec env {pythonpath_env(workspace)} PYTHONUNBUFFERED=1 "
+    env = dict(env or {})
+    extra_path = env.pop("PYTHONPATH", "")
+    envs = " ".join(f"{k}={q(v)}" for k, v in sorted(env.items()))
+    body = (f"echo $$ > {q(pidfile)}; cd {q(workspace)} && exec env {pythonpath_env(workspace, extra_path)} "
+            f"PYTHONUNBUFFERED=1 "
             f"{envs} timeout --signal=TERM --kill-after={int(kill_after_s)} {int(max(1, timeout_s))} sh -c {q(inner)}")
     return (f"mkdir -p {q(rd)} && rm -f {q(rd)}/parity.json {q(rd)}/junit.xml {q(rd)}/suite.rc {q(pidfile)} && "
             f"( setsid -w sh -c {q(body)}; echo $? > {q(rd)}/suite.rc ) 2>&1 | tee {q(rd)}/suite.log; "

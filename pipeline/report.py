@@ -39,13 +39,17 @@ def _bytes(value: Any) -> str:
 
 
 def _measured(value: Any) -> str:
+    def one(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else _num(v)
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_num(v)}" for k, v in value.items()) or "—"
-    return _num(value)
+        return ", ".join(f"{k}={one(v)}" for k, v in value.items()) or "—"
+    return one(value)
 
 
 def _cell(value: Any) -> str:
-    return str(value if value not in (None, "") else "—").replace("|", "\\|").replace("\n", " ")
+    if value is None or value == "" or isinstance(value, jinja2.Undefined):
+        return "—"
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def environment(template: Path | None = None) -> jinja2.Environment:

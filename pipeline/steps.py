@@ -95,6 +95,11 @@ def step_gpu(r: _Run) -> StepResult:
     res = r.run(commands.gpu_query_command(), timeout=60)
     probe = parse.parse_gpu_query(res.stdout)
     r.result.gpus = probe.gpus
+    if probe.nvidia_smi:  # keep the raw output: a new host's output is a new parser fixture
+        raw = Path(r.opts.report_dir) / r.stem / "nvidia-smi.txt"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(res.stdout)
+        r.result.artifacts["nvidia-smi.txt"] = str(raw)
     why = parse.check_gpu_requirement(r.cfg.gpu, probe)
     if why:
         raise GpuRequirementError(why)

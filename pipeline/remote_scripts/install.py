@@ -80,7 +80,30 @@ def run(argv, **kw):
     return subprocess.run(argv, capture_output=True, text=True, **kw)
 
 
-def check():
+def unpack_wheels(purelib):
+    """No pip anywhere (e.g. a uv-made venv): a wheel is a zip laid out for site-packages, so unpack each
+    wheel whose distribution the venv does not have yet. Enough for pure-Python test tools (pytest & co)."""
+    import zipfile
+    have = {k.lower().replace("-", "_") for k, v in check(all_dists=True).items() if v}
+    done = []
+    for name in sorted(os.listdir(wheelhouse)):
+        if not name.endswith(".whl"):
+            continue
+        dist = name.split("-")[0].lower().replace("-", "_")
+        if dist in have:
+            continue
+        with zipfile.ZipFile(os.path.join(wheelhouse, name)) as z:
+            z.extractall(purelib)
+        done.append(name)
+    return "unpacked: " + (", ".join(done) or "nothing")
+
+
+def check(all_dists=False):
+    if all_dists:
+        code = "import importlib.metadata as md, json; print(json.dumps({d.metadata['Name']: d.version " \
+               "for d in md.distributions()}))"
+        p = run([vpy, "-c", code])
+        return json.loads(p.stdout) if p.returncode == 0 else {}
     p = run([vpy, "-c", CHECK, json.dumps(reqs)])
     if p.returncode != 0:
         emit({"ok": False, "error": "dependency check failed", "log": p.stderr[-3000:]}, 1)
@@ -119,6 +142,8 @@ if missing:
     if p.returncode != 0 and "No module named pip" in p.stderr:
         p = run([sys.executable, "-m", "pip", "--python", vpy, *base])
     log = (p.stdout + p.stderr)[-3000:]
+    if p.returncode != 0 and "No module named pip" in p.stderr and wheelhouse:
+        log += "\nno pip on the host: unpacking the wheelhouse's wheels into the venv\n" + unpack_wheels(purelib)
     deps = check()
     still = [f"{k} ({v['version'] or 'missing'}, need {v['spec']})" for k, v in deps.items() if not v["ok"]]
     if still:

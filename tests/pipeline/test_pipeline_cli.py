@@ -1,0 +1,119 @@
+"""The two shells: flashcore-deploy's argument handling (one clear line, exit 2, no traceback unless --debug),
+the --local run through the local backend, and `fab validate` reaching the same run function."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+
+REPO = Path(__file__).resolve().parents[2]
+SKIP_ALL = ["--skip", "sync", "--skip", "install", "--skip", "token", "--skip", "suite"]
+
+
+def test_help_explains_every_option_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--host", "--port", "--user", "--identity", "--known-hosts", "--accept-new-host-key", "--inventory",
+                "--target", "--local", "--model", "--require-gpu", "--python", "--wheelhouse", "--report-dir",
+                "--skip", "--timeout", "--debug", "examples:", "exit codes:", "130 interrupted"):
+        assert opt in out, opt
+    assert "--suite-command" not in out          # a testing aid, not a user option
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "70000", "--host", "h"], "--port: 70000"),
+    (["--host", "h", "--local"], "choose one of"),
+    (["--host", "h", "--skip", "connect"], "invalid choice: 'connect'"),
+    (["--host", "h", "--require-gpu", ""], "--require-gpu"),
+    (["--host", "h", "--timeout", "-1"], "--timeout must be positive"),
+    (["--host", "h", "--wheelhouse", "/nonexistent/wh"], "--wheelhouse /nonexistent/wh"),
+    (["--host", "h", "--identity", "/nonexistent/key"], "--identity /nonexistent/key"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, words, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_inventory_exit_2_names_the_field(tmp_path, capsys):
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("hosts:\n  a: {address: h, port: 22, gpu: {name: H100, min_memory_gb: -5}}\n")
+    assert cli.main(["--inventory", str(inv)]) == 2
+    err = capsys.readouterr().err
+    assert f"{inv}: hosts.a.gpu.min_memory_gb:" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert cli.main(["--inventory", str(inv), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err           # --debug shows it
+    assert cli.main(["--inventory", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read inventory" in capsys.readouterr().err
+
+
+def test_local_run_through_the_local_backend(tmp_path, capsys):
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(tmp_path / "r"),
+                     "--skip", "install", "--skip", "suite"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[local] sync     ok" in out and "PASSED (suite skipped)" in out
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert doc["local"] is True and doc["steps"][0]["detail"].startswith("local, no SSH")
+    assert (tmp_path / "ws" / "pipeline" / "steps.py").is_file()
+    if doc["device"] == "cpu":
+        assert doc["model"] == "tiny" and "No GPU on this host" in doc["notes"][0]
+
+
+def test_local_suite_hang_is_killed_exit_5(tmp_path, capsys):
+    pids = tmp_path / "pids"
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(tmp_path / "r"),
+                     *SKIP_ALL[:-2], "--timeout", "1",
+                     "--suite-command", f"echo $$ > {pids}; sleep 120 & echo $! >> {pids}; wait"])
+    assert code == 5
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert "timed out after 1 s" in doc["error"] and doc["verdict"] == "ERROR: suite step failed"
+    for pid in map(int, pids.read_text().split()):
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_crashing_suite_without_results_exit_5(tmp_path, capsys):
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(tmp_path / "r"),
+                     *SKIP_ALL[:-2], "--suite-command", "echo boom; exit 2"])
+    assert code == 5
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert "crashed (exit 2) without writing its results" in doc["error"]
+    assert "boom" in Path(doc["artifacts"]["suite.log"]).read_text()
+    assert "boom" in {s["name"]: s for s in doc["steps"]}["suite"]["log_tail"]
+
+
+def test_failing_parity_document_exit_1(tmp_path, capsys):
+    doc_src = REPO / "tests" / "pipeline" / "fixtures" / "parity" / "fail_h100.json"
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(tmp_path / "r"),
+                     *SKIP_ALL[:-2], "--suite-command", f"cp {doc_src} \"$FLASHCORE_PARITY_JSON\"; exit 1"])
+    assert code == 1
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert doc["verdict"] == "FAILED: parity" and "failed: batch_padded" in doc["error"]
+    md = next((tmp_path / "r").glob("*.md")).read_text()
+    assert md.splitlines()[0].endswith("FAILED: parity") and "**FAIL**" in md
+
+
+def test_fab_validate_runs_the_same_code_path(tmp_path):
+    fab = Path(sys.executable).parent / "fab"
+    if not fab.exists():
+        pytest.skip("fab (fabric) not installed in this environment")
+    listing = subprocess.run([str(fab), "-l"], cwd=REPO, capture_output=True, text=True)
+    assert "validate" in listing.stdout
+    p = subprocess.run([str(fab), "validate", "--local", "--workspace", str(tmp_path / "ws"), "--report-dir",
+                        str(tmp_path / "r"), "--skip", "install", "--skip", "suite"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "PASSED (suite skipped): local" in p.stdout
+    bad = subprocess.run([str(fab), "validate", "--local", "--require-gpu", "NoSuchGPU-XYZ", "--report-dir",
+                          str(tmp_path / "r2")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 4, bad.stdout + bad.stderr      # the exit code passes through fab
+    assert "GPU REQUIREMENT NOT MET" in bad.stdout

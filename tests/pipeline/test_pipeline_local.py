@@ -1,0 +1,63 @@
+"""The operator-side facts: the synced tree and its content hash, the tarball, the dependency spec, the token."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from pipeline import local
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tree(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    for rel, text in {"flashcore/__init__.py": "x = 1\n", "tests/t.py": "pass\n", ".git/HEAD": "ref\n",
+                      ".venv/bin/python": "", "reports/r.md": "r", "flashcore/__pycache__/a.pyc": "b",
+                      "pyproject.toml": "[project]\ndependencies = [\"torch>=2.11\", \"pytest>=8\"]\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_collect_tree_excludes_and_hashes_content(tmp_path):
+    root = _tree(tmp_path)
+    t1 = local.collect_tree(root)
+    assert t1.files == ("flashcore/__init__.py", "pyproject.toml", "tests/t.py")
+    assert local.collect_tree(root).content_hash == t1.content_hash          # stable
+    (root / "reports" / "new.md").write_text("ignored")
+    assert local.collect_tree(root).content_hash == t1.content_hash          # excluded paths don't count
+    (root / "tests" / "t.py").write_text("pass  \n")
+    assert local.collect_tree(root).content_hash != t1.content_hash          # content does
+
+
+def test_tarball_holds_exactly_the_tree(tmp_path):
+    tree = local.collect_tree(_tree(tmp_path))
+    with tarfile.open(fileobj=io.BytesIO(local.make_tarball(tree))) as tar:
+        assert sorted(tar.getnames()) == list(tree.files)
+
+
+def test_requirements_and_spec_hash(tmp_path):
+    root = _tree(tmp_path)
+    assert local.requirements(root) == ["torch>=2.11", "pytest>=8"]
+    assert "pytest>=8" in local.requirements(REPO)
+    assert local.dist_name("transformers>=5.0,<6") == "transformers"
+    h = local.install_spec_hash(["a"], "python3", [])
+    assert h == local.install_spec_hash(["a"], "python3", [])
+    assert h != local.install_spec_hash(["a"], "/opt/py", []) != local.install_spec_hash(["a"], "python3", ["w.whl"])
+
+
+def test_hf_token_sources(tmp_path):
+    home = tmp_path / "hf"
+    assert local.hf_token({"HF_HOME": str(home)}) == ("", "")
+    home.mkdir()
+    (home / "token").write_text("hf_cached\n")
+    assert local.hf_token({"HF_HOME": str(home)}) == ("hf_cached", str(home / "token"))
+    assert local.hf_token({"HF_HOME": str(home), "HF_TOKEN": "hf_env"}) == ("hf_env", "$HF_TOKEN")
+    assert local.hf_token({"HF_HOME": str(home), "HUGGING_FACE_HUB_TOKEN": "hf_old"})[1] == "$HUGGING_FACE_HUB_TOKEN"
+
+
+def test_git_revision_of_this_checkout():
+    rev = local.git_revision(REPO)
+    assert rev == "" or len(rev.split("+")[0]) == 12

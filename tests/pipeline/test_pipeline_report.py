@@ -1,0 +1,88 @@
+"""The report: verdict first, every section, the parity/latency/memory tables from a flashcore.parity/1
+document, failures with log excerpts, the JSON round trip, secrets scrubbed, a user's own template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.report import render_markdown, write_report
+from pipeline.results import REPORT_SCHEMA, GpuInfo, GpuProcess, HostRunResult, StepResult
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def _result(parity: str | None, **kw) -> HostRunResult:
+    kw = {"device": "cuda", **kw}
+    r = HostRunResult(host="gpu-box", address="127.0.0.1", port=2222, user="root", local=False,
+                      model="llama-3.1-8b", require_gpu="H100", reproduce="flashcore-deploy --host x", **kw)
+    r.gpus = [GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-1", "9.0", 81559, 1, "570.133.20", "12.8", 0, "Disabled",
+                      [GpuProcess("GPU-1", 4242, "python", 512)])]
+    r.versions = {"python": "3.12.3", "torch": "2.11.0+cu128", "torch_cuda": "12.8", "triton": "3.6.0",
+                  "transformers": "5.17.0", "flashcore": "0.1.0", "flashcore_revision": "abc123def456"}
+    r.sync.content_hash = "f" * 64
+    r.steps = [StepResult("connect", "ok", 0.1, "ssh"), StepResult("gpu", "ok", 0.2, "1 x H100")]
+    if parity:
+        r.parity = json.loads((FIX / "parity" / parity).read_text())
+    return r
+
+
+def test_failed_parity_report_has_every_section_in_order():
+    r = _result("fail_h100.json", verdict="FAILED: parity", exit_code=1, error="parity failed: 1/2")
+    r.steps.append(StepResult("suite", "failed", 300.0, "parity failed", "python -m pytest ...",
+                              "E   AssertionError: row 2\nFAILED tests/parity/test_parity_suite.py::test_batch"))
+    md = render_markdown(r)
+    lines = md.splitlines()
+    assert lines[0] == "# flashcore validation — gpu-box: FAILED: parity"
+    assert lines[2].startswith("**Verdict: FAILED: parity**") and lines[3] == ""
+    assert "| huggingface_hub | — |" in md
+    order = ["**Verdict: FAILED: parity** (exit code 1)", "## Host and GPU", "## Versions", "## Steps", "## Parity",
+             "## Decode latency", "## Memory", "## Failures", "## Reproduce"]
+    positions = [md.index(s) for s in order]
+    assert positions == sorted(positions)
+    assert "| 0 | NVIDIA H100 80GB HBM3 | 9.0 | 1 / 81559 | 570.133.20 | 12.8 | 0 | Disabled | 4242 python (512 MiB) |" in md
+    assert "| batch of 4, left padding | per-row bound, no NaN | rows_failed=1, nan=False | **FAIL** |" in md
+    assert "| single token | err <= 2*err_sdpa + eps | err_flashcore=0.0312, err_sdpa=0.0298 | pass |" in md
+    assert "| cuda graph | 8.9 | 10.55 | 1.19x | static cache |" in md
+    assert "| 256.00 MiB | 1.00 GiB | 4x | 16.00 GiB |" in md
+    assert "FAILED tests/parity/test_parity_suite.py::test_batch" in md      # log excerpt
+    assert "row 2: err 0.91 > bound 0.07" in md                               # failing scenario's detail
+    assert "revision abc123def456, content ffffffffffffffff" in md
+    assert "flashcore-deploy --host x" in md
+
+
+def test_cpu_report_says_so_and_latency_skip_reason():
+    r = _result("pass_cpu_tiny.json", verdict="PASSED", device="cpu")
+    r.gpus = []
+    r.notes.append("No GPU on this host: the parity suite ran the `tiny` preset on the CPU")
+    md = render_markdown(r)
+    assert "> No GPU on this host" in md and "No GPU found: the suite ran on the CPU." in md
+    assert "Not measured: CPU run: latency needs CUDA." in md
+    assert "## Failures\n\nNone." in md
+
+
+def test_report_without_parity_and_json_round_trip(tmp_path):
+    r = _result(None, verdict="UNREACHABLE", exit_code=3, error="cannot connect")
+    paths = write_report(r, tmp_path, "gpu-box-20261125T120000Z")
+    assert Path(paths["md"]).name == "gpu-box-20261125T120000Z.md"
+    doc = json.loads(Path(paths["json"]).read_text())
+    assert doc["schema"] == REPORT_SCHEMA and doc["verdict"] == "UNREACHABLE"
+    assert doc["steps"][-1]["name"] == "report" and doc["steps"][-1]["status"] == "ok"
+    back = HostRunResult.from_dict(doc)
+    assert back == r
+    assert "No parity results" in Path(paths["md"]).read_text()
+
+
+def test_secrets_are_scrubbed_from_both_files(tmp_path):
+    secret = "hf_ThisMustNeverBeWritten123"
+    r = _result(None, verdict="ERROR: token step failed", exit_code=5, error=f"bad {secret}")
+    r.steps.append(StepResult("token", "failed", 1.0, f"x {secret}", log_tail=secret))
+    paths = write_report(r, tmp_path, "s", secrets=[secret])
+    for p in paths.values():
+        assert secret not in Path(p).read_text()
+
+
+def test_user_template(tmp_path):
+    tpl = tmp_path / "mine.md.j2"
+    tpl.write_text("{{ r.host }} => {{ r.verdict }} ({{ r.steps | length }} steps)\n")
+    assert render_markdown(_result(None, verdict="PASSED"), tpl) == "gpu-box => PASSED (2 steps)\n"
