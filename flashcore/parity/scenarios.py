@@ -204,15 +204,22 @@ def batch_4(models: Models, cfg: SuiteConfig) -> ScenarioResult:
                    "per row, against that prompt run alone in fp32: " + STEP_CRITERION, measured, summary, detail)
 
 
+REFERENCE = "fp32 copy of the same weights (upcast, exact), eager attention, whole model on the same device"
+
+
 def run_scenario(name: str, models: Models, cfg: SuiteConfig) -> ScenarioResult:
     if name == "single_token":
-        return single_token(models, cfg)
-    if name == "generate_50":
-        return generate(models, cfg, cfg.gen_short, cfg.chunk_short, name)
-    if name == "generate_200":
-        return generate(models, cfg, cfg.gen_long, cfg.chunk_long, name)
-    if name == "gqa_memory":
-        return gqa_memory(models, cfg)
-    if name == "batch_4":
-        return batch_4(models, cfg)
-    raise ValueError(f"unknown scenario {name!r}")
+        result = single_token(models, cfg)
+    elif name == "generate_50":
+        result = generate(models, cfg, cfg.gen_short, cfg.chunk_short, name)
+    elif name == "generate_200":
+        result = generate(models, cfg, cfg.gen_long, cfg.chunk_long, name)
+    elif name == "gqa_memory":
+        result = gqa_memory(models, cfg)
+    elif name == "batch_4":
+        result = batch_4(models, cfg)
+    else:
+        raise ValueError(f"unknown scenario {name!r}")
+    if name != "gqa_memory":
+        result.measured["reference"] = REFERENCE
+    return result
