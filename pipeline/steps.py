@@ -297,6 +297,11 @@ def step_suite(r: _Run) -> StepResult:
                 r.result.versions[f"suite_{key}"] = str(envd[key])
     if doc is None:
         raise StepError(f"suite crashed (exit {res.exit_code}) without writing its results JSON")
+    from flashcore.parity.results import ParityReport, SchemaError
+    try:
+        passed = ParityReport.from_dict(doc).passed   # the typed contract: every field checked
+    except SchemaError as e:
+        raise StepError(f"suite results do not match flashcore.parity/1: {e}") from None
     if passed is False:
         raise ParityFailure(f"parity failed: {summary}")
     if passed is None:

@@ -92,12 +92,12 @@ def test_crashing_suite_without_results_exit_5(tmp_path, capsys):
 
 
 def test_failing_parity_document_exit_1(tmp_path, capsys):
-    doc_src = REPO / "tests" / "pipeline" / "fixtures" / "parity" / "fail_h100.json"
+    doc_src = REPO / "tests" / "pipeline" / "fixtures" / "parity" / "fail_h100_synthetic.json"
     code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(tmp_path / "r"),
                      *SKIP_ALL[:-2], "--suite-command", f"cp {doc_src} \"$FLASHCORE_PARITY_JSON\"; exit 1"])
     assert code == 1
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
-    assert doc["verdict"] == "FAILED: parity" and "failed: batch_padded" in doc["error"]
+    assert doc["verdict"] == "FAILED: parity" and "failed: batch_4" in doc["error"]
     md = next((tmp_path / "r").glob("*.md")).read_text()
     assert md.splitlines()[0].endswith("FAILED: parity") and "**FAIL**" in md
 
@@ -117,3 +117,13 @@ def test_fab_validate_runs_the_same_code_path(tmp_path):
                           str(tmp_path / "r2")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 4, bad.stdout + bad.stderr      # the exit code passes through fab
     assert "GPU REQUIREMENT NOT MET" in bad.stdout
+
+
+def test_results_not_matching_the_schema_exit_5(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "flashcore.parity/1", "passed": true, "scenarios": []}')
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(tmp_path / "r"),
+                     *SKIP_ALL[:-2], "--suite-command", f"cp {bad} \"$FLASHCORE_PARITY_JSON\""])
+    assert code == 5
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert "do not match flashcore.parity/1" in doc["error"]

@@ -73,8 +73,8 @@ def test_key_values_and_tail_and_redact():
 
 
 @pytest.mark.parametrize("name, passed, text", [
-    ("pass_cpu_tiny.json", True, "2/2 scenarios passed"),
-    ("fail_h100.json", False, "1/2 scenarios passed (failed: batch_padded)"),
+    ("pass_cpu_tiny.json", True, "5/5 scenarios passed"),
+    ("fail_h100_synthetic.json", False, "4/5 scenarios passed (failed: batch_4)"),
 ])
 def test_parity_summary(name, passed, text):
     doc = json.loads((FIX / "parity" / name).read_text())

@@ -28,7 +28,7 @@ def _result(parity: str | None, **kw) -> HostRunResult:
 
 
 def test_failed_parity_report_has_every_section_in_order():
-    r = _result("fail_h100.json", verdict="FAILED: parity", exit_code=1, error="parity failed: 1/2")
+    r = _result("fail_h100_synthetic.json", verdict="FAILED: parity", exit_code=1, error="parity failed: 1/2")
     r.steps.append(StepResult("suite", "failed", 300.0, "parity failed", "python -m pytest ...",
                               "E   AssertionError: row 2\nFAILED tests/parity/test_parity_suite.py::test_batch"))
     md = render_markdown(r)
@@ -41,12 +41,14 @@ def test_failed_parity_report_has_every_section_in_order():
     positions = [md.index(s) for s in order]
     assert positions == sorted(positions)
     assert "| 0 | NVIDIA H100 80GB HBM3 | 9.0 | 1 / 81559 | 570.133.20 | 12.8 | 0 | Disabled | 4242 python (512 MiB) |" in md
-    assert "| batch of 4, left padding | per-row bound, no NaN | rows_failed=1, nan=False | **FAIL** |" in md
-    assert "| single token | err <= 2*err_sdpa + eps | err_flashcore=0.0312, err_sdpa=0.0298 | pass |" in md
-    assert "| cuda graph | 8.9 | 10.55 | 1.19x | static cache |" in md
+    assert "| batch_4 | " in md and "| 3/4 rows within bounds (row 2 exceeds: err/bound 12.9) | **FAIL** |" in md
+    assert "| single_token | per step err(flashcore vs fp32 ref) <= 2*err(sdpa vs fp32 ref) + eps" in md
+    assert "| max err flashcore 0.00353 vs sdpa 0.0037 (worst err/bound 0.38); top-1 agree 100% vs sdpa 100%; " \
+           "confident mismatches 0/1 | pass |" in md
+    assert "| cuda_graph | 8.9 | 10.55 | 1.19x | static cache |" in md
     assert "| 256.00 MiB | 1.00 GiB | 4x | 16.00 GiB |" in md
     assert "FAILED tests/parity/test_parity_suite.py::test_batch" in md      # log excerpt
-    assert "row 2: err 0.91 > bound 0.07" in md                               # failing scenario's detail
+    assert "row 2: max err 0.91 > bound 0.0705 at step 7" in md                               # failing scenario's detail
     assert "revision abc123def456, content ffffffffffffffff" in md
     assert "flashcore-deploy --host x" in md
 
@@ -57,7 +59,7 @@ def test_cpu_report_says_so_and_latency_skip_reason():
     r.notes.append("No GPU on this host: the parity suite ran the `tiny` preset on the CPU")
     md = render_markdown(r)
     assert "> No GPU on this host" in md and "No GPU found: the suite ran on the CPU." in md
-    assert "Not measured: CPU run: latency needs CUDA." in md
+    assert "Not measured: no CUDA device" in md
     assert "## Failures\n\nNone." in md
 
 
