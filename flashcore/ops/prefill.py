@@ -13,6 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg, use_custom_op
 
 LOG2E = 1.4426950408889634
@@ -27,23 +32,47 @@ def _row_bound(ptr, fallback, b, HAS_TENSOR: tl.constexpr):
 
 
 @triton.jit
-def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n, offs_d,
-                    lo, hi, kv_lo, kv_hi, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
+def _load_k_t(k_base, k_desc, b, kvh, start_n, stride_kn, offs_j, offs_d, valid_j,
+              MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K block transposed, [HEAD_DIM, BLOCK_N]. Keys outside the valid range need no zeroing: their scores are
+    replaced by -inf before use."""
+    if USE_TMA:
+        return tl.trans(k_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+    if MASKED:
+        return tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None], mask=valid_j[None, :], other=0.0)
+    return tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None])
+
+
+@triton.jit
+def _load_v(v_base, v_desc, b, kvh, start_n, stride_vn, offs_j, offs_d, valid_j,
+            MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """V block, [BLOCK_N, HEAD_DIM]; in masked blocks invalid rows are zeroed (0 * NaN garbage would be NaN)."""
+    if USE_TMA:
+        v = v_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if MASKED:
+            v = tl.where(valid_j[:, None], v, 0.0)
+        return v
+    if MASKED:
+        return tl.load(v_base + offs_j[:, None] * stride_vn + offs_d[None, :], mask=valid_j[:, None], other=0.0)
+    return tl.load(v_base + offs_j[:, None] * stride_vn + offs_d[None, :])
+
+
+@triton.jit
+def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, stride_kn, stride_vn,
+                    offs_m_key, offs_n, offs_d, lo, hi, kv_lo, kv_hi, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """Online-softmax sweep over key blocks [lo, hi) (FlashAttention-2, Algorithm 1, inner loop).
 
     MASKED=False is the fast path for blocks where every (query, key) pair is allowed; MASKED=True applies
-    kv_lo <= j < kv_hi, the causal bound j <= offs_m_key, and zero-fills loads outside the valid keys so that
-    garbage (NaN/inf) in a static cache or padding never reaches the sums.
+    kv_lo <= j < kv_hi and the causal bound j <= offs_m_key, and keeps garbage (NaN/inf) of a static cache or
+    of padding out of the sums.
     """
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_j = start_n + offs_n
-        if MASKED:
-            valid_j = (offs_j >= kv_lo) & (offs_j < kv_hi)
-            k = tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None], mask=valid_j[None, :], other=0.0)
-        else:
-            k = tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None])
+        valid_j = (offs_j >= kv_lo) & (offs_j < kv_hi)
+        k = _load_k_t(k_base, k_desc, b, kvh, start_n, stride_kn, offs_j, offs_d, valid_j,
+                      MASKED, USE_TMA, BLOCK_N, HEAD_DIM)
         # -- scores in log2 units: s = (q . k) * sm_scale * log2(e)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -61,17 +90,15 @@ def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs
         alpha = tl.math.exp2(m_i - m_shift)
         # -- rescale the running denominator and accumulator, add this block
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_base + offs_j[:, None] * stride_vn + offs_d[None, :], mask=valid_j[:, None], other=0.0)
-        else:
-            v = tl.load(v_base + offs_j[:, None] * stride_vn + offs_d[None, :])
+        v = _load_v(v_base, v_desc, b, kvh, start_n, stride_vn, offs_j, offs_d, valid_j,
+                    MASKED, USE_TMA, BLOCK_N, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int, kv_end_int, qk_scale,
+def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int, kv_end_int, qk_scale,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                     HQ, SQ, SKV,
@@ -80,7 +107,8 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr,
                     HAS_QOFF: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
-                    LEFT_PAD: tl.constexpr,       # some row may start after key 0 (kv_start given): edge loop needed
+                    LEFT_PAD: tl.constexpr,
+                    USE_TMA: tl.constexpr,        # K/V blocks through Hopper TMA descriptors (KDesc/VDesc)       # some row may start after key 0 (kv_start given): edge loop needed
                     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
                     NUM_STAGES: tl.constexpr,     # pipelining depth of the unmasked key loop
                     MASKED_STAGES: tl.constexpr):  # of the masked edge loops (1-2 blocks: shallow saves smem)  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
@@ -130,16 +158,16 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
     full_lo = 0
     if LEFT_PAD:
         full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                        offs_d, (kv_lo // BLOCK_N) * BLOCK_N, full_lo, kv_lo, kv_hi, qk_scale,
-                                        True, CAUSAL, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
+                                        offs_m_key, offs_n, offs_d, (kv_lo // BLOCK_N) * BLOCK_N, full_lo, kv_lo, kv_hi, qk_scale,
+                                        True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES)
     full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
-    acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                    offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
-                                    False, CAUSAL, BLOCK_N, DOT_PRECISION, NUM_STAGES)
-    acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m_key, offs_n,
-                                    offs_d, full_hi, hi, kv_lo, kv_hi, qk_scale,
-                                    True, CAUSAL, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
+    acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
+                                    offs_m_key, offs_n, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
+                                    False, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, NUM_STAGES)
+    acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
+                                    offs_m_key, offs_n, offs_d, full_hi, hi, kv_lo, kv_hi, qk_scale,
+                                    True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES)
 
     # -- normalise; fully masked rows (l = 0) have acc = 0 and store exactly 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -149,14 +177,22 @@ def _prefill_kernel(Q, K, V, Out, QOff, KVStart, KVEnd, q_off_int, kv_start_int,
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
-    """Tile sizes and launch parameters (fixed, no autotune: no syncs, predictable under graphs)."""
+    """Tile sizes and launch parameters (fixed, no autotune: no syncs, predictable under graphs).
+    H100 sweeps: benchmarks/bench_attention.py --sweep, figures in docs/BENCHMARKS.md."""
     if not on_gpu:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, masked_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, masked_stages=1, use_tma=False)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, masked_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, masked_stages=1, use_tma=False)
     if head_dim == 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, masked_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, masked_stages=3, use_tma=False)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=True)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A Hopper TMA descriptor needs a 16-byte aligned base and 16-byte multiples for every outer stride."""
+    if TensorDescriptor is None or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    return t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
 
 
 def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor | None,
@@ -175,8 +211,13 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset:
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), batch * hq)
     dummy = q_offset if q_offset is not None else (kv_start if kv_start is not None else kv_end)
     dummy = dummy if dummy is not None else out  # never read when its HAS_* flag is False
+    use_tma = cfg["use_tma"] and _tma_ok(k) and _tma_ok(v)
+    k_desc, v_desc = k, v  # unused placeholders unless use_tma
+    if use_tma:
+        k_desc = TensorDescriptor.from_tensor(k, [1, 1, cfg["BLOCK_N"], d])
+        v_desc = TensorDescriptor.from_tensor(v, [1, 1, cfg["BLOCK_N"], d])
     _prefill_kernel[grid](
-        q, k, v, out,
+        q, k, v, k_desc, v_desc, out,
         q_offset if q_offset is not None else dummy,
         kv_start if kv_start is not None else dummy,
         kv_end if kv_end is not None else dummy,
@@ -186,7 +227,7 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset:
         hq, sq, skv,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
         HAS_QOFF=q_offset is not None, HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None,
-        LEFT_PAD=kv_start is not None or kv_start_int > 0,
+        LEFT_PAD=kv_start is not None or kv_start_int > 0, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         NUM_STAGES=cfg["num_stages"], MASKED_STAGES=cfg["masked_stages"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
