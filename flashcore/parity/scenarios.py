@@ -16,7 +16,8 @@ from flashcore.parity.results import ScenarioResult
 
 STEP_CRITERION = ("per step err(flashcore vs fp32 ref) <= 2*err(sdpa vs fp32 ref) + eps "
                   "[eps = max(1e-4*max|ref|, 0.5*median err(sdpa))]; top-1 equal to the reference wherever its "
-                  "top-1 margin exceeds twice that bound; no NaN/inf")
+                  "top-1 margin exceeds twice that bound; top-1 agreement with the reference >= SDPA's minus "
+                  "max(2 binomial sd, 1 step); no NaN/inf")
 
 
 @dataclass
@@ -89,6 +90,9 @@ def _step_detail(check: criteria.StepCheck) -> str:
         parts.append(f"bound exceeded at steps {check.bound_violations[:10]}")
     if check.confident_mismatches:
         parts.append(f"top-1 differs from the reference at confident steps {check.confident_mismatches[:10]}")
+    if not check.agreement_ok:
+        parts.append(f"top-1 agreement {check.agree_flashcore:.1%} below SDPA's {check.agree_sdpa:.1%} "
+                     f"minus slack {check.agree_slack:.1%}")
     if not check.finite:
         parts.append("non-finite logits")
     return "; ".join(parts)

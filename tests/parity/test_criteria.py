@@ -106,3 +106,26 @@ def test_document_validation_names_the_field(mutate, where):
     mutate(data)
     with pytest.raises(SchemaError, match=where.replace("[", r"\[").replace("$", r"\$")):
         ParityReport.from_dict(data)
+
+
+def test_top1_agreement_must_keep_up_with_sdpa():
+    ref = _ref(steps=40, vocab=8, seed=5)
+    sdpa = ref.clone()                      # agrees everywhere
+    worse = ref.clone()
+    worse[:10] = -worse[:10]                # loses the argmax on 10 of 40 steps
+    check = criteria.check_steps(worse, sdpa, ref)
+    assert not check.agreement_ok
+    one_flip = ref.clone()
+    one_flip[0] = -one_flip[0]
+    assert criteria.check_steps(one_flip, sdpa, ref).agreement_ok  # one step of slack
+    assert criteria.agreement_slack(0.8, 200) == pytest.approx(2 * (0.8 * 0.2 / 200) ** 0.5)
+
+
+def test_real_h100_document_validates():
+    """The document the 8B suite wrote on an H100 (transformers 5.17) parses and re-serialises unchanged."""
+    from pathlib import Path
+    path = Path(__file__).parent / "fixtures" / "parity-llama-3.1-8b-h100.json"
+    report = ParityReport.read(path)
+    assert report.passed and report.model.params > 8_000_000_000 and report.memory.ratio == 4.0
+    assert [s.name for s in report.scenarios] == list(__import__("flashcore.parity").parity.SCENARIO_NAMES)
+    assert report.to_dict() == json.loads(path.read_text())
