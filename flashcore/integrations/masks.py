@@ -12,7 +12,8 @@ They travel as a "description": an int32 tensor of shape [1, 1, 3, B] (rows q_of
 4-D on purpose: transformers passes any 4-D tensor through untouched (generate() precomputes masks for static
 caches and feeds them back as `attention_mask`), and each row desc[0, 0, i] is a contiguous [B] tensor the kernels
 read directly. Everything is computed on the device: no .item(), so building it is CUDA-graph capturable.
-`None` means the default: causal, queries at the end of the keys, every key valid (DynamicCache, no padding).
+`None` means the default: causal, queries at the end of the keys, every key valid (a multi-token forward over a
+DynamicCache without padding).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def build_description(batch: int, q_length: int, kv_length: int, q_offset, paddi
     Returns None when the defaults already describe the mask.
     """
     int_offset = not isinstance(q_offset, torch.Tensor)
-    if padding_mask is None and int_offset and kv_length == q_offset + q_length:
-        return None
+    if padding_mask is None and int_offset and kv_length == q_offset + q_length and q_length > 1:
+        return None  # (a decode step still gets a description: its kv_lens, built once per forward, not per layer)
     if int_offset:
         q_off = torch.full((batch,), int(q_offset), dtype=DESC_DTYPE, device=device)
     else:

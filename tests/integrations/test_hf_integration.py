@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-from flashcore.integrations import (NAME, get_flashcore_attention_stats, replace_llama_attention_with_flashcore,
-                                    reset_flashcore_attention_stats, restore_sdpa_attention)
+from flashcore.integrations import (NAME, get_flashcore_attention_stats, load_llama_with_flashcore,
+                                    replace_llama_attention_with_flashcore, reset_flashcore_attention_stats,
+                                    restore_sdpa_attention)
 from flashcore.integrations import masks
 from flashcore.models import ModelLoadError, ModelPreset, load_model
 
@@ -41,7 +42,12 @@ def _both(model, fn):
 
 def test_description_is_none_for_plain_causal():
     assert masks.build_description(2, 5, 5, 0, None, "cpu") is None
-    assert masks.build_description(2, 1, 9, 8, None, "cpu") is None  # DynamicCache decode
+    assert masks.build_description(2, 4, 9, 5, None, "cpu") is None  # chunk onto a DynamicCache
+
+
+def test_decode_description_carries_kv_lens():
+    q_off, start, end = masks.unpack_description(masks.build_description(2, 1, 9, 8, None, "cpu"))
+    assert q_off.tolist() == [8, 8] and start.tolist() == [0, 0] and end.tolist() == [9, 9]
 
 
 def test_description_rows_for_left_padding_and_static_cache():
@@ -160,6 +166,15 @@ def test_from_pretrained_with_attn_implementation(tmp_path):
     assert get_flashcore_attention_stats(loaded).total.prefill_calls == 2
 
 
+def test_load_llama_with_flashcore():
+    model = load_llama_with_flashcore("tiny", device="cpu", dtype=torch.float32)
+    assert model.config._attn_implementation == NAME
+    with torch.no_grad():
+        tokens = model.generate(torch.randint(0, 512, (1, 6)), max_new_tokens=3, do_sample=False)
+    assert tokens.shape == (1, 9)
+    assert get_flashcore_attention_stats(model).total.decode_calls == 2 * model.config.num_hidden_layers
+
+
 # -- presets and loading ----------------------------------------------------------------------------------
 
 def test_presets():
@@ -223,3 +238,16 @@ def test_cuda_graph_decode_step_over_static_cache():
             graph.replay()
             got.append(token.item())
     assert got == ref_tokens
+
+
+@pytest.mark.gpu
+def test_generate_static_cache_auto_compile_on_gpu():
+    """generate() with a StaticCache compiles the decode step (torch.compile) on a GPU: the custom ops trace."""
+    model = _model("tiny", device="cuda", dtype=torch.float32)
+    ids, mask = _left_padded_batch(model.config.vocab_size, [6, 10], device="cuda", seed=4)
+    with torch.no_grad():
+        ref = lambda m: m.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)  # noqa: E731
+        ref_tokens, _ = _both(model, ref)
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                cache_implementation="static")
+    assert torch.equal(tokens, ref_tokens)
