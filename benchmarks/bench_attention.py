@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,8 +75,11 @@ def graph_us(calls, reps: int = 50) -> float:
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    for _ in range(3):
-        graph.replay()
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.05:  # 50 ms of replays: clocks ramp up from idle before timing
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
