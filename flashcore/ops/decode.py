@@ -40,7 +40,7 @@ def _decode_split_kernel(Q, K, V, KVLens, KVStart, kv_start_int, PartOut, PartLs
     """
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bk // HKV
+    b = (pid_bk // HKV).to(tl.int64)  # 64-bit batch offsets: b * stride_b can pass 2**31 for big caches
     kvh = pid_bk % HKV
 
     kv_hi = tl.minimum(tl.load(KVLens + b).to(tl.int32), S_MAX)
@@ -152,7 +152,7 @@ def _split_chunk(s_max: int, num_splits: int, block_n: int) -> tuple[int, int]:
 
 
 def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
-               kv_start: torch.Tensor | None, kv_start_int: int, sm_scale: float, num_splits: int) -> torch.Tensor:
+                   kv_start: torch.Tensor | None, kv_start_int: int, sm_scale: float, num_splits: int) -> torch.Tensor:
     # q: [B, Hq, 1, D]  k_cache, v_cache: [B, Hkv, S_max, D]  kv_lens: [B]  (checked by decode_attention)
     batch, hq, _, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
@@ -213,4 +213,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: num_splits must be a positive int or None, got {num_splits!r}")
     launch = _decode_op if use_custom_op() else _decode_launch
     return launch(q, k_cache, v_cache, lens_t, start_t, start_i, default_scale(sm_scale, q.shape[3]),
-                      num_splits or 0)
+                  num_splits or 0)

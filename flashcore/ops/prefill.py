@@ -37,7 +37,7 @@ def _load_k_t(k_base, k_desc, b, kvh, start_n, stride_kn, offs_j, offs_d, valid_
     """K block transposed, [HEAD_DIM, BLOCK_N]. Keys outside the valid range need no zeroing: their scores are
     replaced by -inf before use."""
     if USE_TMA:
-        return tl.trans(k_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+        return tl.trans(k_desc.load([b.to(tl.int32), kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
     if MASKED:
         return tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None], mask=valid_j[None, :], other=0.0)
     return tl.load(k_base + offs_j[None, :] * stride_kn + offs_d[:, None])
@@ -48,7 +48,7 @@ def _load_v(v_base, v_desc, b, kvh, start_n, stride_vn, offs_j, offs_d, valid_j,
             MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """V block, [BLOCK_N, HEAD_DIM]; in masked blocks invalid rows are zeroed (0 * NaN garbage would be NaN)."""
     if USE_TMA:
-        v = v_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b.to(tl.int32), kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         if MASKED:
             v = tl.where(valid_j[:, None], v, 0.0)
         return v
@@ -107,11 +107,11 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr,
                     HAS_QOFF: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_END: tl.constexpr,
-                    LEFT_PAD: tl.constexpr,
-                    USE_TMA: tl.constexpr,        # K/V blocks through Hopper TMA descriptors (KDesc/VDesc)       # some row may start after key 0 (kv_start given): edge loop needed
+                    LEFT_PAD: tl.constexpr,       # some row may start after key 0 (kv_start given): edge loop
+                    USE_TMA: tl.constexpr,        # K/V blocks through Hopper TMA descriptors (KDesc/VDesc)
                     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
                     NUM_STAGES: tl.constexpr,     # pipelining depth of the unmasked key loop
-                    MASKED_STAGES: tl.constexpr):  # of the masked edge loops (1-2 blocks: shallow saves smem)  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
+                    MASKED_STAGES: tl.constexpr):  # pipelining depth of the masked edge loops (1-2 blocks each)
     """One program = BLOCK_M queries of one (batch row, query head): FlashAttention-2 forward.
 
     For the queries i of the tile, O_i = sum_j softmax_j(q_i . k_j * sm_scale) v_j over allowed keys j, computed
@@ -124,7 +124,7 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
     # Heavy causal tiles (late queries) first: they see the most keys, so the grid tail is light.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
+    b = (pid_bh // HQ).to(tl.int64)  # 64-bit batch offsets: b * stride_b can pass 2**31 for big caches
     h = pid_bh % HQ
     kvh = h // GROUP
 
@@ -158,8 +158,9 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
     full_lo = 0
     if LEFT_PAD:
         full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
-                                        offs_m_key, offs_n, offs_d, (kv_lo // BLOCK_N) * BLOCK_N, full_lo, kv_lo, kv_hi, qk_scale,
+        first = (kv_lo // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn,
+                                        stride_vn, offs_m_key, offs_n, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale,
                                         True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES)
     full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
     acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
@@ -197,8 +198,8 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 
 def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor | None,
-                kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, q_offset_int: int, kv_start_int: int,
-                kv_end_int: int, causal: bool, sm_scale: float) -> torch.Tensor:
+                    kv_start: torch.Tensor | None, kv_end: torch.Tensor | None, q_offset_int: int,
+                    kv_start_int: int, kv_end_int: int, causal: bool, sm_scale: float) -> torch.Tensor:
     # q: [B, Hq, Sq, D]  k, v: [B, Hkv, Skv, D]  (checked by prefill_attention)
     batch, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -259,4 +260,4 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     end_t, end_i = split_row_arg("prefill_attention", "kv_end", kv_end, batch, skv, q.device)
     launch = _prefill_op if use_custom_op() else _prefill_launch
     return launch(q, k, v, q_off_t, start_t, end_t, q_off_i, start_i, end_i, bool(causal),
-                       default_scale(sm_scale, d))
+                  default_scale(sm_scale, d))
