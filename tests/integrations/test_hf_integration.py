@@ -137,6 +137,20 @@ def test_mask_with_holes_falls_back_to_sdpa_not_silently_wrong():
     assert total.fallback_calls == 2 and total.prefill_calls == 0
 
 
+def test_sliding_window_falls_back_to_sdpa():
+    """Mistral with a window shorter than the sequence: flashcore cannot express the window, so SDPA runs."""
+    from flashcore.models import ModelPreset, build_model
+    preset = ModelPreset.from_name("tiny-mistral")
+    preset.extra = {"sliding_window": 4}
+    model = build_model(preset, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, out = _both(model, lambda m: m(ids).logits)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    total = get_flashcore_attention_stats(model).total
+    assert total.fallback_calls == model.config.num_hidden_layers and total.prefill_calls == 0
+
+
 def test_switch_back_to_sdpa_and_reset_stats():
     model = _model("tiny")
     replace_llama_attention_with_flashcore(model)
