@@ -117,7 +117,7 @@ def test_choose_num_splits_fills_the_gpu():
 def test_torch_compile_fullgraph(device):
     q, k, v = qkv(2, 4, 2, 1, 64, 64, dtype=torch.float32, device=device, seed=29)
 
-    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    @torch.compile(fullgraph=True, backend="inductor")
     def step(q, k, v, kv_lens):
         return decode_attention(q * 1.0, k, v, kv_lens).sum(dim=1)
 

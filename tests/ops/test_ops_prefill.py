@@ -131,7 +131,7 @@ def test_bad_inputs_raise_value_error(bad, message):
 def test_torch_compile_fullgraph(device):
     q, k, v = qkv(1, 4, 2, 7, 33, 64, dtype=torch.float32, device=device, seed=41)
 
-    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    @torch.compile(fullgraph=True, backend="inductor")
     def attend(q, k, v, kv_start):
         return prefill_attention(q * 1.0, k, v, kv_start=kv_start) + 1.0
 
