@@ -18,7 +18,7 @@ q = shlex.quote
 # Root-anchored (leading "/") or any depth; a trailing "/" matches directories only (rsync semantics).
 SYNC_EXCLUDES = (
     "/.git/", "/.venv/", "/venv/", "/reports/", "/.gpuhost/", "/.tmp/", "/.whl/", "/build/", "/dist/",
-    "/.flashcore/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/",
+    "/.flashcore/", "/.benchmarks/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/",
     "*.pyc", "*.pyo", ".DS_Store",
 )
 GPU_QUERY_FIELDS = (
@@ -104,7 +104,7 @@ def rsync_argv(src_dir: str, dest: str, ssh_command: str | None,
                excludes: Sequence[str] = SYNC_EXCLUDES) -> list[str]:
     """Local argv. `dest` is `user@host:/abs/ws` (remote) or a local path (--local); excluded paths on the
     destination (the venv, runtime files) are protected from --delete."""
-    argv = ["rsync", "-rlt", "--delete", "--stats"]
+    argv = ["rsync", "-rlt", "--delete", "--stats", "--itemize-changes"]
     if ssh_command:
         argv += ["-z", "-e", ssh_command]
     argv += [f"--exclude={pat}" for pat in excludes]

@@ -19,6 +19,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_SCRIPTS = Path(__file__).resolve().parent / "remote_scripts"
 
 
+def find_code_root(cwd: Path | None = None) -> Path:
+    """The checkout to sync: the working directory when it is a flashcore checkout (run from the repository
+    root, as `fab` does), else the checkout this package was loaded from."""
+    here = Path.cwd() if cwd is None else cwd
+    if (here / "pyproject.toml").is_file() and (here / "flashcore").is_dir() and (here / "pipeline").is_dir():
+        return here.resolve()
+    return REPO_ROOT
+
+
 @dataclass(frozen=True)
 class CodeTree:
     root: Path

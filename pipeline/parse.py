@@ -153,6 +153,17 @@ def parse_rsync_stats(text: str) -> tuple[int, int]:
     return num(_RSYNC_SENT), num(_RSYNC_FILES)
 
 
+def parse_rsync_changed(text: str) -> list[str]:
+    """Files rsync sent or deleted, from `--itemize-changes` lines (`>f.st...... path`, `*deleting path`)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith((">f", "<f", "cL", ">L")) and " " in line:
+            out.append(line.split(" ", 1)[1])
+        elif line.startswith("*deleting "):
+            out.append(line.split(" ", 1)[1].strip() + " (deleted)")
+    return out
+
+
 def tail(text: str, lines: int = 40, max_chars: int = 6000) -> str:
     out = "\n".join(text.rstrip().splitlines()[-lines:])
     return out[-max_chars:]

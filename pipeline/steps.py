@@ -43,7 +43,7 @@ class RunOptions:
     reproduce: str = ""
     out: Callable[[str], None] = print
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    code_root: Path = local.REPO_ROOT
+    code_root: Path = field(default_factory=local.find_code_root)
 
 
 def is_hub_model(model: str) -> bool:
@@ -145,7 +145,10 @@ def step_sync(r: _Run) -> StepResult:
         sent, nfiles = parse.parse_rsync_stats(res.stdout)
         r.run(commands.write_hash_command(hash_file, tree.content_hash), timeout=30)
         r.result.sync.method, r.result.sync.bytes_sent = "rsync", sent
+        changed = parse.parse_rsync_changed(res.stdout)
         detail = f"rsync: {nfiles} of {len(tree.files)} files changed, {sent} bytes sent"
+        if changed:
+            detail += " (" + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "") + ")"
         cmd = shlex.join(argv)
     elif previous == tree.content_hash:
         r.result.sync.method = "unchanged"

@@ -6,9 +6,7 @@ Skipped, with the reason, only when sshd is not installed (scripts/bootstrap.sh 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,38 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if Path(p).exists()), None)
-KEYGEN = shutil.which("ssh-keygen")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Sshd:
-    port: int
-    dir: Path
-    client_key: Path
-    wrong_key: Path
-    known_hosts: Path
-    host_pub: str            # "ssh-ed25519 AAAA..."
-    log: Path
-    commands: Path           # every command line the pipeline ran on this "remote"
-
-    def base_args(self, **over) -> list[str]:
-        args = {"--host": "127.0.0.1", "--port": str(self.port), "--user": os.environ.get("USER") or "root",
-                "--identity": str(self.client_key), "--known-hosts": str(self.known_hosts),
-                "--connect-timeout": "5"}
-        args.update({k: v for k, v in over.items() if v is not None})
-        return [x for kv in args.items() for x in kv]
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+from tests.integration.loopback_sshd import KEYGEN, REPO, SSHD, Sshd, free_port, start_sshd  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -57,56 +24,8 @@ def sshd(tmp_path_factory) -> Sshd:
         pytest.skip("OpenSSH server not installed (scripts/bootstrap.sh installs openssh-server)")
     if os.geteuid() != 0:
         pytest.skip("the loopback sshd fixture runs as root (sshd privilege separation)")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key", "wrong_key"):
-        _keygen(d / name)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    port = free_port()
-    log = d / "sshd.log"
-    # Every command line the pipeline sends is recorded (ForceCommand wrapper -> commands.log) and then run
-    # as sshd would (sh -c); the token test greps that log. SFTP requests go to the real sftp-server.
-    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
-                             "/usr/lib/ssh/sftp-server") if Path(p).exists()), "internal-sftp")
-    wrapper = d / "logcmd.sh"
-    wrapper.write_text(f"""#!/bin/sh
-printf '%s\\n' "$SSH_ORIGINAL_COMMAND" >> {d}/commands.log
-case "$SSH_ORIGINAL_COMMAND" in
-  *sftp-server|internal-sftp|sftp) exec {sftp if sftp != "internal-sftp" else "false"} ;;
-esac
-exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"
-""")
-    wrapper.chmod(0o755)
-    (d / "sshd_config").write_text(f"""\
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {d}/host_key
-AuthorizedKeysFile {d}/authorized_keys
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PidFile {d}/sshd.pid
-LogLevel VERBOSE
-MaxSessions 50
-MaxStartups 50
-ForceCommand {wrapper}
-Subsystem sftp {sftp}
-""")
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"sshd exited: {log.read_text() if log.exists() else ''}")
-            time.sleep(0.05)
-    host_pub = " ".join((d / "host_key.pub").read_text().split()[:2])
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
-    yield Sshd(port, d, d / "client_key", d / "wrong_key", d / "known_hosts", host_pub, log, d / "commands.log")
+    server, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=10)
 
@@ -130,13 +49,32 @@ class Run:
         return files[-1].read_text()
 
 
+_CODE = {"root": REPO}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def code_snapshot(tmp_path_factory) -> Path:
+    """A frozen copy of the checkout (exactly the files the pipeline syncs) that every deploy() runs from: other
+    work in the same checkout must not change what a test syncs between its runs."""
+    import shutil
+
+    from pipeline.local import collect_tree
+
+    root = tmp_path_factory.mktemp("code")
+    for rel in collect_tree(REPO).files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    _CODE["root"] = root
+    return root
+
+
 def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240) -> Run:
-    """Run the real CLI (`python -m pipeline.cli`) as a subprocess, output captured (stdout+stderr)."""
+    """Run the real CLI (`python -m pipeline.cli`, from the code snapshot) as a subprocess, output captured."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     e.update(env or {})
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
-                       cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+                       cwd=_CODE["root"], env=e, capture_output=True, text=True, timeout=timeout)
     return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir)
 
 

@@ -181,7 +181,7 @@ def test_local_deadline_kills_remote_group_over_new_channel(sshd, workspace, tmp
     assert not any(_alive(p) for p in started), "orphaned remote process"
 
 
-def test_tar_fallback_when_no_local_rsync(sshd, tmp_path):
+def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
     """No rsync client here (PATH without it): the code goes as a tarball over SFTP; unchanged code then
     sends nothing."""
     bin_dir = tmp_path / "bin"
@@ -195,7 +195,7 @@ def test_tar_fallback_when_no_local_rsync(sshd, tmp_path):
     assert first.code == 0, first.out
     doc = first.report()
     assert doc["sync"]["method"] == "tar" and doc["sync"]["bytes_sent"] > 1000
-    assert (ws / "pipeline" / "steps.py").read_bytes() == (REPO / "pipeline" / "steps.py").read_bytes()
+    assert (ws / "pipeline" / "steps.py").read_bytes() == (code_snapshot / "pipeline" / "steps.py").read_bytes()
     second = deploy(args, tmp_path / "r2", env=env)
     assert second.code == 0 and second.report()["sync"]["method"] == "unchanged"
     assert second.report()["sync"]["bytes_sent"] == 0

@@ -61,3 +61,12 @@ def test_hf_token_sources(tmp_path):
 def test_git_revision_of_this_checkout():
     rev = local.git_revision(REPO)
     assert rev == "" or len(rev.split("+")[0]) == 12
+
+
+def test_code_root_is_the_checkout_we_run_from(tmp_path):
+    assert local.find_code_root(REPO) == REPO
+    assert local.find_code_root(tmp_path) == local.REPO_ROOT          # not a checkout: the package's own
+    for d in ("flashcore", "pipeline"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    assert local.find_code_root(tmp_path) == tmp_path.resolve()

@@ -64,6 +64,11 @@ def test_rsync_stats():
     assert parse.parse_rsync_stats("") == (0, 0)
 
 
+def test_rsync_itemized_changes():
+    text = ".d..t...... ./\n>f.st...... pipeline/steps.py\n>f+++++++++ new.py\n*deleting   old.py\ncd+++++++++ d/\n"
+    assert parse.parse_rsync_changed(text) == ["pipeline/steps.py", "new.py", "old.py (deleted)"]
+
+
 def test_key_values_and_tail_and_redact():
     assert parse.parse_key_values("home=/root\nuser=root\nnoise line\ntool.rsync=\n") == \
         {"home": "/root", "user": "root", "tool.rsync": ""}

@@ -1,0 +1,101 @@
+"""A real OpenSSH sshd on 127.0.0.1 for the integration tests and benchmarks/bench_pipeline.py: a free
+non-default port, key-only, its own host key, authorized key and known_hosts; every command line it is asked to
+run is recorded in commands.log (a ForceCommand wrapper that then runs it with sh -c, as sshd would)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if Path(p).exists()), None)
+KEYGEN = shutil.which("ssh-keygen")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Sshd:
+    port: int
+    dir: Path
+    client_key: Path
+    wrong_key: Path
+    known_hosts: Path
+    host_pub: str            # "ssh-ed25519 AAAA..."
+    log: Path
+    commands: Path           # every command line the pipeline ran on this "remote"
+
+    def base_args(self, **over) -> list[str]:
+        args = {"--host": "127.0.0.1", "--port": str(self.port), "--user": os.environ.get("USER") or "root",
+                "--identity": str(self.client_key), "--known-hosts": str(self.known_hosts),
+                "--connect-timeout": "5"}
+        args.update({k: v for k, v in over.items() if v is not None})
+        return [x for kv in args.items() for x in kv]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+def start_sshd(d: Path) -> tuple[Sshd, subprocess.Popen]:
+    """Start sshd in `d` (keys, config, logs live there); returns when it accepts connections."""
+    for name in ("host_key", "client_key", "wrong_key"):
+        _keygen(d / name)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = free_port()
+    log = d / "sshd.log"
+    # Every command line the pipeline sends is recorded (ForceCommand wrapper -> commands.log) and then run
+    # as sshd would (sh -c); the token test greps that log. SFTP requests go to the real sftp-server.
+    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                             "/usr/lib/ssh/sftp-server") if Path(p).exists()), "internal-sftp")
+    wrapper = d / "logcmd.sh"
+    wrapper.write_text(f"""#!/bin/sh
+printf '%s\\n' "$SSH_ORIGINAL_COMMAND" >> {d}/commands.log
+case "$SSH_ORIGINAL_COMMAND" in
+  *sftp-server|internal-sftp|sftp) exec {sftp if sftp != "internal-sftp" else "false"} ;;
+esac
+exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+""")
+    wrapper.chmod(0o755)
+    (d / "sshd_config").write_text(f"""\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile {d}/sshd.pid
+LogLevel VERBOSE
+MaxSessions 50
+MaxStartups 50
+ForceCommand {wrapper}
+Subsystem sftp {sftp}
+""")
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+    host_pub = " ".join((d / "host_key.pub").read_text().split()[:2])
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+    return Sshd(port, d, d / "client_key", d / "wrong_key", d / "known_hosts", host_pub, log, d / "commands.log"), proc
+
+
