@@ -255,7 +255,8 @@ class SSHRemote(Remote):
                 chan.sendall(stdin)
             chan.shutdown_write()
             while True:
-                select.select([chan], [], [], 0.2)
+                # short waits: paramiko's channel fd does not wake select() for an exit status without data
+                select.select([chan], [], [], 0.01 if time.monotonic() - t0 < 2 else 0.1)
                 while chan.recv_ready():
                     out.feed(chan.recv(65536))
                 while chan.recv_stderr_ready():

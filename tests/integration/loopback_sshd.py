@@ -48,6 +48,7 @@ def _keygen(path: Path) -> None:
 
 def start_sshd(d: Path) -> tuple[Sshd, subprocess.Popen]:
     """Start sshd in `d` (keys, config, logs live there); returns when it accepts connections."""
+    d.mkdir(parents=True, exist_ok=True)
     for name in ("host_key", "client_key", "wrong_key"):
         _keygen(d / name)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
