@@ -272,7 +272,9 @@ class SSHRemote(Remote):
         except KeyboardInterrupt:
             self._abort(chan, pidfile)
             raise
-        except (SSHException, EOFError, OSError) as e:
+        except (SSHException, EOFError, OSError, UnreachableError) as e:
+            if pidfile:  # the command may still run on the host: kill its group through a fresh connection
+                self._abort(None, pidfile)
             raise UnreachableError(f"{self.label}: the SSH connection dropped ({type(e).__name__}: {e})") from e
         if timed_out:
             self._abort(chan, pidfile)

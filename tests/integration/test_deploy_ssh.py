@@ -199,3 +199,55 @@ def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
     second = deploy(args, tmp_path / "r2", env=env)
     assert second.code == 0 and second.report()["sync"]["method"] == "unchanged"
     assert second.report()["sync"]["bytes_sent"] == 0
+
+
+def _start_hanging_deploy(sshd, workspace, tmp_path):
+    import subprocess
+    script, pids = _hanging_suite(tmp_path)
+    from tests.integration.conftest import _CODE
+    args = [sys.executable, "-m", "pipeline.cli", *sshd.base_args(), *CPU, "--workspace", str(workspace),
+            "--skip", "sync", "--skip", "install", "--timeout", "120", "--suite-command", script,
+            "--report-dir", str(tmp_path / "r")]
+    proc = subprocess.Popen(args, cwd=_CODE["root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:                       # wait until the remote suite is really running
+        if "hanging" in line:
+            break
+    return proc, pids
+
+
+def _report(tmp_path):
+    return json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+
+
+def test_interrupt_kills_the_remote_suite_exit_130(sshd, workspace, tmp_path):
+    import signal
+    proc, pids = _start_hanging_deploy(sshd, workspace, tmp_path)
+    before = sshd.commands.stat().st_size
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    doc = _report(tmp_path)
+    assert doc["verdict"] == "INTERRUPTED" and doc["exit_code"] == 130
+    assert "kill -TERM -" in sshd.commands.read_text()[before:]       # killed by us, over a new channel
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in map(int, pids.read_text().split())), "orphaned remote process"
+
+
+def test_dropped_connection_exit_3_report_written_remote_killed(sshd, workspace, tmp_path):
+    """The SSH connection dies mid-suite (its sshd processes are killed): exit 3, the report is still written,
+    and the suite's process group is killed through a fresh connection."""
+    import signal
+    import subprocess
+    proc, pids = _start_hanging_deploy(sshd, workspace, tmp_path)
+    before = sshd.commands.stat().st_size
+    master = int((sshd.dir / "sshd.pid").read_text())
+    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    assert children, "no per-connection sshd to kill"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    assert proc.wait(timeout=60) == 3
+    doc = _report(tmp_path)
+    assert doc["verdict"] == "UNREACHABLE" and "connection dropped" in doc["error"]
+    assert {s["name"]: s["status"] for s in doc["steps"]}["suite"] == "failed"
+    assert "kill -TERM -" in sshd.commands.read_text()[before:]       # through a fresh connection
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in map(int, pids.read_text().split())), "orphaned remote process"
