@@ -168,13 +168,11 @@ def run(argv: list[str]) -> list[HostRunResult]:
     from pipeline.steps import RunOptions, run_host
 
     a = build_parser().parse_args(argv)
-    if a.debug:
-        os.environ["FLASHCORE_DEPLOY_DEBUG"] = "1"
     hosts = resolve_targets(a)
     results = []
     for cfg in hosts:
         opts = RunOptions(skip=frozenset(a.skip), wheelhouse=a.wheelhouse, report_dir=a.report_dir,
-                          template=a.template, suite_command=a.suite_command,
+                          template=a.template, suite_command=a.suite_command, debug=a.debug,
                           reproduce=_reproduce(argv, cfg, len(hosts) > 1),
                           out=lambda line: print(line, flush=True))
         res = run_host(cfg, opts)

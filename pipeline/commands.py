@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 q = shlex.quote
 
@@ -197,11 +197,3 @@ def kill_group_command(pidfile: str, grace_s: float = 2.0) -> str:
     # `kill -SIG -PGID` without `--`: dash's builtin kill rejects `--`.
     return (f"pg=$(cat {q(pidfile)} 2>/dev/null); [ -n \"$pg\" ] || exit 0; kill -TERM -\"$pg\" 2>/dev/null; "
             f"sleep {grace_s:g}; kill -KILL -\"$pg\" 2>/dev/null; true")
-
-
-def remote_env(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    return {k: v for k, v in pairs}
-
-
-def reproduce_command(args: Sequence[str]) -> str:
-    return shlex.join(["flashcore-deploy", *args])

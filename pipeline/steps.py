@@ -41,6 +41,7 @@ class RunOptions:
     suite_command: str | None = None    # testing aid: replaces the pytest invocation (see --suite-command)
     kill_after_s: float = 10.0
     reproduce: str = ""
+    debug: bool = False
     out: Callable[[str], None] = print
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     code_root: Path = field(default_factory=local.find_code_root)
@@ -382,7 +383,7 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
             except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: reported, not lost
                 error, failed_step = StepError(f"{name}: unexpected {type(e).__name__}: {e}"), name
                 step = _failed(r, name, str(error))
-                if os.environ.get("FLASHCORE_DEPLOY_DEBUG"):
+                if opts.debug:
                     import traceback
                     traceback.print_exc(file=sys.stderr)
             step.duration_s = round(time.monotonic() - s0, 3)

@@ -251,3 +251,21 @@ def test_dropped_connection_exit_3_report_written_remote_killed(sshd, workspace,
     assert "kill -TERM -" in sshd.commands.read_text()[before:]       # through a fresh connection
     time.sleep(0.5)
     assert not any(_alive(p) for p in map(int, pids.read_text().split())), "orphaned remote process"
+
+
+def test_inventory_group_runs_every_host_worst_exit_code(sshd, tmp_path):
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(f"""
+defaults: {{user: {os.environ.get("USER") or "root"}, known_hosts: {sshd.known_hosts}, identity: {sshd.client_key},
+           gpu: none, model: tiny, timeouts: {{connect: 3}}}}
+hosts:
+  good: {{address: 127.0.0.1, port: {sshd.port}}}
+  closed: {{address: 127.0.0.1, port: {free_port()}}}
+groups:
+  both: [good, closed]
+""")
+    run = deploy(["--inventory", str(inv), "--target", "both", *ALL_BUT_CONNECT], tmp_path / "r")
+    assert run.code == 3, run.out
+    docs = {json.loads(p.read_text())["host"]: json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")}
+    assert docs["good"]["verdict"] == "PASSED (suite skipped)" and docs["closed"]["verdict"] == "UNREACHABLE"
+    assert "--target good" in docs["good"]["reproduce"] and "--target both" not in docs["good"]["reproduce"]
