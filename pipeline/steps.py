@@ -357,7 +357,12 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
                            port=0 if cfg.local else cfg.port, user=cfg.user, local=cfg.local, model=cfg.model,
                            require_gpu=describe_gpu_requirement(cfg.gpu), started_at=started.isoformat(),
                            reproduce=opts.reproduce)
-    r = _Run(cfg, opts, result, stem=f"{_slug(result.host)}-{started.strftime('%Y%m%dT%H%M%SZ')}")
+    stem = f"{_slug(result.host)}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+    n = 1
+    while (Path(opts.report_dir) / f"{stem}.json").exists() or (Path(opts.report_dir) / stem).exists():
+        n += 1  # two runs of one host within a second: never overwrite a report
+        stem = f"{_slug(result.host)}-{started.strftime('%Y%m%dT%H%M%SZ')}-{n}"
+    r = _Run(cfg, opts, result, stem=stem)
     error: PipelineError | None = None
     failed_step = ""
     label = cfg.name or cfg.label

@@ -269,3 +269,21 @@ groups:
     docs = {json.loads(p.read_text())["host"]: json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")}
     assert docs["good"]["verdict"] == "PASSED (suite skipped)" and docs["closed"]["verdict"] == "UNREACHABLE"
     assert "--target good" in docs["good"]["reproduce"] and "--target both" not in docs["good"]["reproduce"]
+
+
+def test_fab_validate_over_ssh(sshd, tmp_path, code_snapshot):
+    """`fab -H user@IP:PORT -i KEY validate` from the repository root: the same run function, over SSH."""
+    import subprocess
+    fab = Path(sys.executable).parent / "fab"
+    if not fab.exists():
+        pytest.skip("fab (fabric) not installed in this environment")
+    user = os.environ.get("USER") or "root"
+    p = subprocess.run([str(fab), "-H", f"{user}@127.0.0.1:{sshd.port}", "-i", str(sshd.client_key), "validate",
+                        "--known-hosts", str(sshd.known_hosts), "--require-gpu", "none", "--model", "tiny",
+                        "--python", sys.executable, "--report-dir", str(tmp_path / "r"),
+                        *[x for s in ("gpu", "sync", "install", "token", "suite") for x in ("--skip", s)]],
+                       cwd=code_snapshot, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert doc["port"] == sshd.port and doc["local"] is False and doc["verdict"] == "PASSED (suite skipped)"
+    assert f"--identity {sshd.client_key}" in doc["reproduce"]
