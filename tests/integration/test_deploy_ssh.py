@@ -287,3 +287,38 @@ def test_fab_validate_over_ssh(sshd, tmp_path, code_snapshot):
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert doc["port"] == sshd.port and doc["local"] is False and doc["verdict"] == "PASSED (suite skipped)"
     assert f"--identity {sshd.client_key}" in doc["reproduce"]
+
+
+def test_offline_install_from_wheelhouse_over_ssh(sshd, tmp_path, code_snapshot):
+    """A dependency the host lacks comes from --wheelhouse: pushed over SFTP, installed with --no-index into the
+    workspace venv only; a re-run pushes nothing and reuses the venv. (A copy of the checkout whose pyproject
+    names an extra dependency stands in for a host missing one.)"""
+    import shutil
+    import subprocess
+
+    from tests.pipeline.test_pipeline_install_script import _wheel
+
+    code = tmp_path / "code"
+    shutil.copytree(code_snapshot, code)
+    pyproject = code / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"pytest-timeout>=2",', '"pytest-timeout>=2",\n    "fcdummy>=1.0",'))
+    wh = tmp_path / "wheelhouse"
+    wh.mkdir()
+    _wheel(wh, "fcdummy", "1.0")
+    ws = tmp_path / "ws"
+    args = [sys.executable, "-m", "pipeline.cli", *sshd.base_args(), *CPU, "--workspace", str(ws),
+            "--wheelhouse", str(wh), "--skip", "suite"]
+    pushed = ws / ".flashcore" / "wheelhouse" / "fcdummy-1.0-py3-none-any.whl"
+    runs, mtimes = [], []
+    for i in range(2):
+        p = subprocess.run([*args, "--report-dir", str(tmp_path / f"r{i}")], cwd=code, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        runs.append(json.loads(next((tmp_path / f"r{i}").glob("*.json")).read_text()))
+        mtimes.append(pushed.stat().st_mtime_ns)
+        time.sleep(0.05)
+    assert mtimes[0] == mtimes[1]                                        # not pushed again
+    install = [next(s for s in doc["steps"] if s["name"] == "install")["detail"] for doc in runs]
+    assert "installed fcdummy>=1.0 from the wheelhouse" in install[0]
+    assert install[1].startswith("venv reused")
+    assert list((ws / ".venv").rglob("fcdummy/__init__.py"))           # in the workspace venv only
