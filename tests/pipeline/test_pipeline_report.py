@@ -88,3 +88,18 @@ def test_user_template(tmp_path):
     tpl = tmp_path / "mine.md.j2"
     tpl.write_text("{{ r.host }} => {{ r.verdict }} ({{ r.steps | length }} steps)\n")
     assert render_markdown(_result(None, verdict="PASSED"), tpl) == "gpu-box => PASSED (2 steps)\n"
+
+
+def test_real_h100_parity_document_renders():
+    """The parity suite's own fixture: a real llama-3.1-8b run on an H100 (tests/parity/fixtures)."""
+    real = Path(__file__).resolve().parents[1] / "parity" / "fixtures" / "parity-llama-3.1-8b-h100.json"
+    if not real.exists():
+        import pytest
+        pytest.skip("the parity suite's H100 fixture is not in this checkout")
+    r = _result(None, verdict="PASSED")
+    r.parity = json.loads(real.read_text())
+    md = render_markdown(r)
+    assert "| eager | 46.311 | 64.634 | 1.4x |" in md
+    assert "| cuda_graph | 8.692 | 10.448 | 1.2x |" in md
+    assert "| 16.88 MiB | 67.50 MiB | 4x | 44.94 GiB |" in md
+    assert md.count("| pass |") == 5 and "**FAIL**" not in md
