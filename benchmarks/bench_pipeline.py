@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.loopback_sshd import start_sshd  # noqa: E402
+from tests.integration.harness import start_sshd  # noqa: E402
 
 
 def one_run(sshd, workspace: Path, reports: Path) -> dict:

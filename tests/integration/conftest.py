@@ -1,5 +1,7 @@
-"""A real OpenSSH sshd on 127.0.0.1 (free non-default port, key-only, its own host key and known_hosts), started
-once per session, and helpers to run the real `flashcore-deploy` against it as a subprocess.
+"""Fixtures: a real OpenSSH sshd on 127.0.0.1 (free non-default port, key-only, its own host key and known_hosts)
+started once per session, a frozen code snapshot every run syncs from, and a shared remote workspace. The helpers
+the tests call (deploy, Run) live in harness.py: test modules must not import conftest (pytest loads it as its own
+module, and a second import would be a second copy with its own state).
 
 Skipped, with the reason, only when sshd is not installed (scripts/bootstrap.sh installs it in CI)."""
 
@@ -7,15 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.loopback_sshd import KEYGEN, REPO, SSHD, Sshd, free_port, start_sshd  # noqa: F401
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `tests.integration.harness` importable however pytest was started
+    sys.path.insert(0, str(REPO))
+
+from tests.integration.harness import CODE, KEYGEN, SSHD, Sshd, start_sshd  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,28 +33,6 @@ def sshd(tmp_path_factory) -> Sshd:
     proc.wait(timeout=10)
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    seconds: float
-    report_dir: Path
-
-    def report(self) -> dict:
-        import json
-        files = sorted(self.report_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
-        assert files, f"no report written in {self.report_dir}:\n{self.out}"
-        return json.loads(files[-1].read_text())
-
-    def report_md(self) -> str:
-        files = sorted(self.report_dir.glob("*.md"), key=lambda p: p.stat().st_mtime)
-        assert files, f"no Markdown report in {self.report_dir}"
-        return files[-1].read_text()
-
-
-_CODE = {"root": REPO}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def code_snapshot(tmp_path_factory) -> Path:
     """A frozen copy of the checkout (exactly the files the pipeline syncs) that every deploy() runs from: other
@@ -64,18 +45,8 @@ def code_snapshot(tmp_path_factory) -> Path:
     for rel in collect_tree(REPO).files:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
-    _CODE["root"] = root
+    CODE["root"] = root
     return root
-
-
-def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240) -> Run:
-    """Run the real CLI (`python -m pipeline.cli`, from the code snapshot) as a subprocess, output captured."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    e.update(env or {})
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
-                       cwd=_CODE["root"], env=e, capture_output=True, text=True, timeout=timeout)
-    return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, deploy, free_port
+from tests.integration.harness import CODE, REPO, deploy, free_port
 
 pytestmark = pytest.mark.integration
 SUITE = REPO / "tests" / "parity" / "test_parity_suite.py"
@@ -27,7 +27,8 @@ def happy(sshd, workspace, tmp_path_factory):
     return deploy(sshd.base_args() + CPU + ["--workspace", str(workspace), "--timeout", "600"], reports, timeout=900)
 
 
-def test_happy_path_passes_and_reports_everything(happy, sshd):
+def test_happy_path_passes_and_reports_everything(happy, sshd, code_snapshot):
+    assert CODE["root"] == code_snapshot          # every run syncs the frozen snapshot, not the live checkout
     assert happy.code == 0, happy.out[-4000:]
     doc = happy.report()
     assert doc["schema"] == "flashcore.report/1"
@@ -204,11 +205,10 @@ def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
 def _start_hanging_deploy(sshd, workspace, tmp_path):
     import subprocess
     script, pids = _hanging_suite(tmp_path)
-    from tests.integration.conftest import _CODE
     args = [sys.executable, "-m", "pipeline.cli", *sshd.base_args(), *CPU, "--workspace", str(workspace),
             "--skip", "sync", "--skip", "install", "--timeout", "120", "--suite-command", script,
             "--report-dir", str(tmp_path / "r")]
-    proc = subprocess.Popen(args, cwd=_CODE["root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, cwd=CODE["root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:                       # wait until the remote suite is really running
         if "hanging" in line:
             break

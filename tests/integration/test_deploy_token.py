@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import deploy, free_port
+from tests.integration.harness import deploy, free_port
 
 pytestmark = pytest.mark.integration
 GOOD = "hf_PlantedSecretTokenWithAccess0123456789"

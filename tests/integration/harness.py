@@ -1,13 +1,16 @@
-"""A real OpenSSH sshd on 127.0.0.1 for the integration tests and benchmarks/bench_pipeline.py: a free
+"""Harness for the integration tests and benchmarks/bench_pipeline.py: `deploy()` runs the real CLI; `start_sshd()`
+starts a real OpenSSH sshd on 127.0.0.1: a free
 non-default port, key-only, its own host key, authorized key and known_hosts; every command line it is asked to
 run is recorded in commands.log (a ForceCommand wrapper that then runs it with sh -c, as sshd would)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +103,32 @@ Subsystem sftp {sftp}
     return Sshd(port, d, d / "client_key", d / "wrong_key", d / "known_hosts", host_pub, log, d / "commands.log"), proc
 
 
+@dataclass
+class Run:
+    code: int
+    out: str
+    seconds: float
+    report_dir: Path
+
+    def report(self) -> dict:
+        files = sorted(self.report_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        assert files, f"no report written in {self.report_dir}:\n{self.out}"
+        return json.loads(files[-1].read_text())
+
+    def report_md(self) -> str:
+        files = sorted(self.report_dir.glob("*.md"), key=lambda p: p.stat().st_mtime)
+        assert files, f"no Markdown report in {self.report_dir}"
+        return files[-1].read_text()
+
+
+CODE = {"root": REPO}  # set to the frozen snapshot by the code_snapshot fixture
+
+
+def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240) -> Run:
+    """Run the real CLI (`python -m pipeline.cli`, from the code snapshot) as a subprocess, output captured."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    e.update(env or {})
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
+                       cwd=CODE["root"], env=e, capture_output=True, text=True, timeout=timeout)
+    return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir)
