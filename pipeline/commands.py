@@ -132,8 +132,14 @@ def remove_file_command(path: str) -> str:
 
 
 def untar_command(archive: str, workspace: str, hash_file: str, content_hash: str) -> str:
-    return (f"mkdir -p {q(workspace)} {q(hash_file.rsplit('/', 1)[0])} && tar -xzf {q(archive)} -C {q(workspace)} "
-            f"&& rm -f {q(archive)} && printf %s {q(content_hash)} > {q(hash_file)}")
+    """Unpack the tarball into the workspace. Files the previous tarball brought (its manifest) are removed
+    first, so files deleted here disappear there too (what rsync --delete does on the rsync path)."""
+    rt = hash_file.rsplit("/", 1)[0]
+    manifest = f"{rt}/manifest"
+    return (f"mkdir -p {q(workspace)} {q(rt)} && cd {q(workspace)} && "
+            f"{{ [ ! -f {q(manifest)} ] || tr '\\n' '\\0' < {q(manifest)} | xargs -0 rm -f 2>/dev/null || true; }} && "
+            f"tar -xzf {q(archive)} -C {q(workspace)} && tar -tzf {q(archive)} > {q(manifest)} && "
+            f"rm -f {q(archive)} && printf %s {q(content_hash)} > {q(hash_file)}")
 
 
 def write_hash_command(hash_file: str, content_hash: str) -> str:

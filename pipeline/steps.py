@@ -162,8 +162,10 @@ def step_sync(r: _Run) -> StepResult:
         if not res.ok:
             raise StepError(f"unpacking the tarball failed: {parse.tail(res.output, 3, 400)}")
         r.result.sync.method, r.result.sync.bytes_sent = "tar", len(blob)
-        detail = f"tar over SFTP (no rsync on {'the remote' if r.remote.local is False else 'this machine'}): " \
-                 f"{len(tree.files)} files, {len(blob)} bytes sent"
+        missing = "this machine" if not shutil.which("rsync") else \
+            "the host" if not r.probe.get("tool.rsync") else "this machine (ssh client)"
+        how = "tar over SFTP" if not r.remote.local else "tar"
+        detail = f"{how} (no rsync on {missing}): {len(tree.files)} files, {len(blob)} bytes sent"
         cmd = res.command
     r.result.versions["flashcore_content_hash"] = tree.content_hash
     return StepResult("sync", "ok", detail=detail + f"; content {tree.content_hash[:12]}", command=cmd)

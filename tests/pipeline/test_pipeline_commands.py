@@ -8,6 +8,7 @@ import shlex
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,28 @@ def test_pytest_argv_is_the_suite_contract():
                         ("--parity-device", "cpu")):
         assert argv[argv.index(flag) + 1] == value
     assert "--parity-device" not in c.pytest_argv("p", "tiny", "a", "b", None)
+
+
+def test_untar_replaces_the_previous_tarball_files(tmp_path):
+    import io
+    import tarfile
+
+    def tarball(files: dict) -> Path:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, text in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(text)
+                tar.addfile(info, io.BytesIO(text.encode()))
+        path = tmp_path / "upload.tar.gz"
+        path.write_bytes(buf.getvalue())
+        return path
+
+    ws = tmp_path / "ws"
+    lay = c.layout(str(ws))
+    for files, h in (({"a.py": "1", "pkg/b.py": "2"}, "h1"), ({"a.py": "3"}, "h2")):
+        cmd = c.untar_command(str(tarball(files)), str(ws), lay["sync_hash"], h)
+        subprocess.run(["sh", "-c", cmd], check=True)
+    assert (ws / "a.py").read_text() == "3"
+    assert not (ws / "pkg" / "b.py").exists()            # deleted here, deleted there
+    assert open(lay["sync_hash"]).read() == "h2"
