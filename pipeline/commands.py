@@ -101,12 +101,15 @@ def ssh_command_for_rsync(port: int, identity: str | None, known_hosts: str | No
 
 
 def rsync_argv(src_dir: str, dest: str, ssh_command: str | None,
-               excludes: Sequence[str] = SYNC_EXCLUDES) -> list[str]:
+               excludes: Sequence[str] = SYNC_EXCLUDES, prepare: str | None = None) -> list[str]:
     """Local argv. `dest` is `user@host:/abs/ws` (remote) or a local path (--local); excluded paths on the
-    destination (the venv, runtime files) are protected from --delete."""
+    destination (the venv, runtime files) are protected from --delete. `prepare`: a remote shell command run
+    first in the same SSH session (`--rsync-path`), saving a round trip."""
     argv = ["rsync", "-rlt", "--delete", "--stats", "--itemize-changes"]
     if ssh_command:
         argv += ["-z", "-e", ssh_command]
+        if prepare:
+            argv += [f"--rsync-path={prepare} && rsync"]
     argv += [f"--exclude={pat}" for pat in excludes]
     return argv + [src_dir.rstrip("/") + "/", dest.rstrip("/") + "/"]
 
@@ -142,8 +145,10 @@ def untar_command(archive: str, workspace: str, hash_file: str, content_hash: st
             f"rm -f {q(archive)} && printf %s {q(content_hash)} > {q(hash_file)}")
 
 
-def write_hash_command(hash_file: str, content_hash: str) -> str:
-    return f"mkdir -p {q(hash_file.rsplit('/', 1)[0])} && printf %s {q(content_hash)} > {q(hash_file)}"
+def rsync_prepare_command(runtime_dir: str, hash_file: str) -> str:
+    """Before rsync: the workspace's runtime dir exists, and the tar path's recorded hash is dropped (rsync is
+    about to change the tree, so that hash would no longer describe it)."""
+    return f"mkdir -p {q(runtime_dir)} && rm -f {q(hash_file)}"
 
 
 def python_script_command(python: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:

@@ -132,26 +132,28 @@ def step_sync(r: _Run) -> StepResult:
     tree = local.collect_tree(r.opts.code_root)
     r.result.sync = SyncFacts(content_hash=tree.content_hash, files=len(tree.files))
     ws, hash_file = r.lay["workspace"], r.lay["sync_hash"]
-    pre = r.run(f"mkdir -p {commands.q(r.lay['runtime'])} && " + commands.read_file_command(hash_file), timeout=30)
-    previous = pre.stdout.strip()
     can_rsync = bool(shutil.which("rsync")) and bool(r.probe.get("tool.rsync")) and \
         (r.remote.local or bool(shutil.which("ssh")))
     if can_rsync:
+        # rsync every time (files edited on the host are put back); no recorded hash to trust or update
         dest, ssh = r.remote.rsync_target(ws)
-        argv = commands.rsync_argv(str(tree.root), dest, ssh)
+        prepare = commands.rsync_prepare_command(r.lay["runtime"], hash_file)
+        if r.remote.local:
+            r.run(prepare, timeout=30)
+        argv = commands.rsync_argv(str(tree.root), dest, ssh, prepare=prepare)
         res = r.remote.rsync(argv, timeout=600)
         r.last = res
         if not res.ok:
             raise StepError(f"rsync failed (exit {res.exit_code}): {parse.tail(res.output, 3, 400)}")
         sent, nfiles = parse.parse_rsync_stats(res.stdout)
-        r.run(commands.write_hash_command(hash_file, tree.content_hash), timeout=30)
         r.result.sync.method, r.result.sync.bytes_sent = "rsync", sent
         changed = parse.parse_rsync_changed(res.stdout)
         detail = f"rsync: {nfiles} of {len(tree.files)} files changed, {sent} bytes sent"
         if changed:
             detail += " (" + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "") + ")"
         cmd = shlex.join(argv)
-    elif previous == tree.content_hash:
+    elif (pre := r.run(f"mkdir -p {commands.q(r.lay['runtime'])} && " + commands.read_file_command(hash_file),
+                       timeout=30)).stdout.strip() == tree.content_hash:
         r.result.sync.method = "unchanged"
         detail = f"unchanged ({len(tree.files)} files, hash {tree.content_hash[:12]}): nothing sent"
         cmd = pre.command

@@ -200,6 +200,10 @@ def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
     second = deploy(args, tmp_path / "r2", env=env)
     assert second.code == 0 and second.report()["sync"]["method"] == "unchanged"
     assert second.report()["sync"]["bytes_sent"] == 0
+    assert (ws / ".flashcore" / "sync-hash").is_file()
+    third = deploy(args, tmp_path / "r3")                      # rsync available again
+    assert third.code == 0 and third.report()["sync"]["method"] == "rsync"
+    assert not (ws / ".flashcore" / "sync-hash").exists()      # the tar path's hash no longer vouches for the tree
 
 
 def _start_hanging_deploy(sshd, workspace, tmp_path):

@@ -43,7 +43,8 @@ def test_rsync_uses_the_same_ssh_settings():
                 "IdentitiesOnly=yes"):
         assert opt in argv
     assert argv[argv.index("-i") + 1] == "/keys/id"
-    rs = c.rsync_argv("/src/", c.rsync_dest("root", "10.0.0.1", "/root/ws"), ssh)
+    rs = c.rsync_argv("/src/", c.rsync_dest("root", "10.0.0.1", "/root/ws"), ssh, prepare="mkdir -p /root/ws")
+    assert "--rsync-path=mkdir -p /root/ws && rsync" in rs
     assert rs[0] == "rsync" and "--delete" in rs and rs[rs.index("-e") + 1] == ssh
     assert rs[-2:] == ["/src/", "root@10.0.0.1:/root/ws/"]
     assert "--exclude=/.venv/" in rs and "--exclude=__pycache__/" in rs
