@@ -5,6 +5,7 @@
 Shapes: Hq 32, Hkv 8, D 128, bf16. Decode: B in {1, 8} x a full cache of {512, 2048, 8192, 32768} keys;
 causal prefill at 2048 and 8192 (B=1). Each figure is a median:
   - "do_bench": triton.testing.do_bench (L2 flushed before each call; includes the host launch cost of a call);
+  - "host": host time of one eager call (mean over 200 calls issued back to back without a sync);
   - "graph": CUDA-graph replay of calls over rotating cache copies (so the cache is not L2-resident),
     divided by the calls per replay: what a graphed whole-model decode step pays.
 HBM floor = KV bytes / measured device-to-device copy bandwidth (bytes read + written / time).
@@ -44,6 +45,8 @@ class Row:
     flashcore_graph_us: float | None = None
     sdpa_graph_us: float | None = None
     hbm_floor_us: float | None = None
+    flashcore_host_us: float | None = None
+    sdpa_host_us: float | None = None
     flashcore_tflops: float | None = None
     sdpa_tflops: float | None = None
 
@@ -92,6 +95,19 @@ def graph_us(calls, reps: int = 50) -> float:
     return times[len(times) // 2]
 
 
+def host_us(fn, calls: int = 200) -> float:
+    """Host microseconds per eager call: calls issued back to back, timed on the CPU (the GPU runs behind)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def decode_sets(batch: int, seq: int):
     """Enough independent (q, k, v, kv_lens) sets that cycling through them defeats the L2 cache."""
     kv_bytes = 2 * batch * HKV * seq * D * 2
@@ -117,7 +133,8 @@ def bench_decode(batch: int, seq: int, bandwidth: float) -> Row:
               flashcore_us=do_bench(fc[0], warmup=25, rep=200, return_mode="median") * 1e3,
               sdpa_us=do_bench(sd[0], warmup=25, rep=200, return_mode="median") * 1e3,
               flashcore_graph_us=graph_us(fc), sdpa_graph_us=graph_us(sd),
-              hbm_floor_us=kv_bytes / bandwidth * 1e6)
+              hbm_floor_us=kv_bytes / bandwidth * 1e6,
+              flashcore_host_us=host_us(fc[0]), sdpa_host_us=host_us(sd[0]))
     del sets
     return row
 
@@ -145,8 +162,10 @@ def sweep_prefill(configs, seqs=(2048, 8192)) -> list[dict]:
         try:
             for seq in seqs:
                 row = bench_prefill(1, seq)
-                results.append(dict(cfg, seq=seq, us=row.flashcore_us, tflops=row.flashcore_tflops))
-                print(f"sweep prefill {cfg} S={seq}: {row.flashcore_tflops:.0f} TFLOP/s", flush=True)
+                results.append(dict(cfg, seq=seq, us=row.flashcore_us, tflops=row.flashcore_tflops,
+                                    sdpa_tflops=row.sdpa_tflops))
+                print(f"sweep prefill {cfg} S={seq}: {row.flashcore_tflops:.0f} TFLOP/s "
+                      f"(SDPA {row.sdpa_tflops:.0f}, ratio {row.flashcore_tflops / row.sdpa_tflops:.2f})", flush=True)
         except Exception as exc:  # a config that does not compile or fit is reported, not fatal
             print(f"sweep prefill {cfg}: failed: {str(exc).splitlines()[0][:200]}", flush=True)
         finally:
@@ -174,10 +193,13 @@ def sweep_decode(configs, shapes=((1, 2048), (1, 32768), (8, 8192))) -> list[dic
 
 PREFILL_SWEEP = [
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=False),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=True),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=1, use_tma=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, masked_stages=2, use_tma=False),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1, use_tma=False),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, masked_stages=1, use_tma=False),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1, use_tma=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, masked_stages=1, use_tma=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=False, warp_spec=True),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=1, use_tma=True, warp_spec=True),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1, use_tma=True, warp_spec=True),
 ]
 DECODE_SWEEP = [
     dict(BLOCK_N=64, num_warps=4, num_stages=3, min_chunk=256, waves=2),
@@ -189,13 +211,15 @@ DECODE_SWEEP = [
 
 def print_table(rows: list[Row]) -> None:
     print(f"{'op':8} {'B':>2} {'seq':>6} | {'fc us':>8} {'sdpa us':>8} | {'fc graph':>8} {'sdpa graph':>10} "
-          f"{'speedup':>7} {'HBM floor':>9} {'fc/floor':>8} | {'fc TFLOP/s':>10} {'sdpa TFLOP/s':>12}")
+          f"{'speedup':>7} {'HBM floor':>9} {'fc/floor':>8} | {'fc host':>7} {'sdpa host':>9} | "
+          f"{'fc TFLOP/s':>10} {'sdpa TFLOP/s':>12}")
     for r in rows:
         fmt = lambda x, w, p=1: f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"  # noqa: E731
         ratio = (r.flashcore_graph_us / r.hbm_floor_us) if r.hbm_floor_us else None
         print(f"{r.op:8} {r.batch:>2} {r.seq:>6} | {fmt(r.flashcore_us, 8)} {fmt(r.sdpa_us, 8)} | "
               f"{fmt(r.flashcore_graph_us, 8)} {fmt(r.sdpa_graph_us, 10)} {fmt(r.speedup, 7, 2)} "
-              f"{fmt(r.hbm_floor_us, 9)} {fmt(ratio, 8, 2)} | {fmt(r.flashcore_tflops, 10, 0)} "
+              f"{fmt(r.hbm_floor_us, 9)} {fmt(ratio, 8, 2)} | {fmt(r.flashcore_host_us, 7)} "
+              f"{fmt(r.sdpa_host_us, 9)} | {fmt(r.flashcore_tflops, 10, 0)} "
               f"{fmt(r.sdpa_tflops, 12, 0)}")
 
 

@@ -58,42 +58,64 @@ def _load_v(v_base, v_desc, b, kvh, start_n, stride_vn, offs_j, offs_d, valid_j,
 
 
 @triton.jit
+def _attn_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, stride_kn, stride_vn,
+               offs_m_key, offs_n, offs_d, start_n, kv_lo, kv_hi, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax (FlashAttention-2, Algorithm 1, inner loop body)."""
+    offs_j = start_n + offs_n
+    valid_j = (offs_j >= kv_lo) & (offs_j < kv_hi)
+    k = _load_k_t(k_base, k_desc, b, kvh, start_n, stride_kn, offs_j, offs_d, valid_j,
+                  MASKED, USE_TMA, BLOCK_N, HEAD_DIM)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if MASKED:
+        # -- scores in log2 units, s = (q . k) * sm_scale * log2(e); disallowed pairs -> -inf
+        qk = qk * qk_scale
+        allowed = valid_j[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_j[None, :] <= offs_m_key[:, None])
+        qk = tl.where(allowed, qk, float("-inf"))
+        # -- running max; a row with nothing allowed yet keeps m = -inf and uses 0 as its shift
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+    else:
+        # -- every key allowed: the max is finite; scale and shift fuse into one FMA per score
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_shift = m_new
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    # -- rescale the running denominator and accumulator, add this block (accumulating into acc in the MMA)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_v(v_base, v_desc, b, kvh, start_n, stride_vn, offs_j, offs_d, valid_j,
+                MASKED, USE_TMA, BLOCK_N, HEAD_DIM)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, stride_kn, stride_vn,
                     offs_m_key, offs_n, offs_d, lo, hi, kv_lo, kv_hi, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr):
-    """Online-softmax sweep over key blocks [lo, hi) (FlashAttention-2, Algorithm 1, inner loop).
+                    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+                    WARP_SPEC: tl.constexpr):
+    """Online-softmax sweep over key blocks [lo, hi).
 
     MASKED=False is the fast path for blocks where every (query, key) pair is allowed; MASKED=True applies
     kv_lo <= j < kv_hi and the causal bound j <= offs_m_key, and keeps garbage (NaN/inf) of a static cache or
-    of padding out of the sums.
+    of padding out of the sums. WARP_SPEC asks triton for a warp-specialised loop (producer/consumer warps).
     """
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
-        offs_j = start_n + offs_n
-        valid_j = (offs_j >= kv_lo) & (offs_j < kv_hi)
-        k = _load_k_t(k_base, k_desc, b, kvh, start_n, stride_kn, offs_j, offs_d, valid_j,
-                      MASKED, USE_TMA, BLOCK_N, HEAD_DIM)
-        # -- scores in log2 units: s = (q . k) * sm_scale * log2(e)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            allowed = valid_j[None, :]
-            if CAUSAL:
-                allowed = allowed & (offs_j[None, :] <= offs_m_key[:, None])
-            qk = tl.where(allowed, qk, float("-inf"))
-        # -- update running max; a row with nothing allowed yet keeps m = -inf and uses 0 as its shift
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_shift = m_new  # every key allowed: the max is finite
-        p = tl.math.exp2(qk - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        # -- rescale the running denominator and accumulator, add this block
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_v(v_base, v_desc, b, kvh, start_n, stride_vn, offs_j, offs_d, valid_j,
-                    MASKED, USE_TMA, BLOCK_N, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if WARP_SPEC:
+        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES, warp_specialize=True):
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, stride_kn,
+                                       stride_vn, offs_m_key, offs_n, offs_d, start_n, kv_lo, kv_hi, qk_scale,
+                                       MASKED, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION)
+    else:
+        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, stride_kn,
+                                       stride_vn, offs_m_key, offs_n, offs_d, start_n, kv_lo, kv_hi, qk_scale,
+                                       MASKED, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -111,7 +133,8 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
                     USE_TMA: tl.constexpr,        # K/V blocks through Hopper TMA descriptors (KDesc/VDesc)
                     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
                     NUM_STAGES: tl.constexpr,     # pipelining depth of the unmasked key loop
-                    MASKED_STAGES: tl.constexpr):  # pipelining depth of the masked edge loops (1-2 blocks each)
+                    MASKED_STAGES: tl.constexpr,  # pipelining depth of the masked edge loops (1-2 blocks each)
+                    WARP_SPEC: tl.constexpr):     # warp-specialised unmasked loop (tl.range warp_specialize)
     """One program = BLOCK_M queries of one (batch row, query head): FlashAttention-2 forward.
 
     For the queries i of the tile, O_i = sum_j softmax_j(q_i . k_j * sm_scale) v_j over allowed keys j, computed
@@ -161,14 +184,15 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
         first = (kv_lo // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn,
                                         stride_vn, offs_m_key, offs_n, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale,
-                                        True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES)
+                                        True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES, False)
     full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
     acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
                                     offs_m_key, offs_n, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
-                                    False, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, NUM_STAGES)
+                                    False, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, NUM_STAGES,
+                                    WARP_SPEC)
     acc, l_i, m_i = _attn_tile_loop(acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, b, kvh, stride_kn, stride_vn,
                                     offs_m_key, offs_n, offs_d, full_hi, hi, kv_lo, kv_hi, qk_scale,
-                                    True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES)
+                                    True, CAUSAL, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, MASKED_STAGES, False)
 
     # -- normalise; fully masked rows (l = 0) have acc = 0 and store exactly 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -231,7 +255,7 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset:
         HAS_QOFF=q_offset is not None, HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None,
         LEFT_PAD=kv_start is not None or kv_start_int > 0, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        NUM_STAGES=cfg["num_stages"], MASKED_STAGES=cfg["masked_stages"],
+        NUM_STAGES=cfg["num_stages"], MASKED_STAGES=cfg["masked_stages"], WARP_SPEC=cfg.get("warp_spec", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -258,6 +282,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     q_off_t, q_off_i = split_row_arg("prefill_attention", "q_offset", q_offset, batch, skv - sq, q.device)
     start_t, start_i = split_row_arg("prefill_attention", "kv_start", kv_start, batch, 0, q.device)
     end_t, end_i = split_row_arg("prefill_attention", "kv_end", kv_end, batch, skv, q.device)
+    scale = default_scale(sm_scale, d)
+    if not scale > 0:  # the unmasked loop takes the row max before scaling, which needs a positive scale
+        raise ValueError(f"prefill_attention: sm_scale must be positive, got {sm_scale!r}")
     launch = _prefill_op if use_custom_op() else _prefill_launch
-    return launch(q, k, v, q_off_t, start_t, end_t, q_off_i, start_i, end_i, bool(causal),
-                  default_scale(sm_scale, d))
+    return launch(q, k, v, q_off_t, start_t, end_t, q_off_i, start_i, end_i, bool(causal), scale)

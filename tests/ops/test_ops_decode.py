@@ -88,6 +88,32 @@ def test_strided_inputs(dtype, device):
     _check(q, k, v, torch.tensor([99, 41], device=device))
 
 
+def test_repeated_calls_follow_new_tensors_and_alignment(device):
+    # The same shapes again (on CUDA: a launch from the LaunchCache) with new data, new lengths, and caches whose
+    # base is 16-byte aligned, then not (a different kernel specialisation): every call equals the reference.
+    batch, hq, hkv, s_max, d = 2, 8, 2, 96, 64
+    numel = batch * hkv * s_max * d
+    for step, (offset, lens) in enumerate([(0, [96, 5]), (0, [1, 80]), (4, [96, 5]), (1, [33, 96]), (0, [7, 7])]):
+        q, _, _ = qkv(batch, hq, hkv, 1, 1, d, dtype=torch.float32, device=device, seed=50 + step)
+        flat_k = randn(numel + offset, dtype=torch.float32, device=device, seed=60 + step)
+        flat_v = randn(numel + offset, dtype=torch.float32, device=device, seed=70 + step)
+        k = flat_k[offset:].view(batch, hkv, s_max, d)
+        v = flat_v[offset:].view(batch, hkv, s_max, d)
+        assert (k.data_ptr() % 16 == 0) == (offset % 4 == 0)
+        _check(q, k, v, torch.tensor(lens, device=device, dtype=torch.int32))
+
+
+def test_launch_cache_key_separates_specialisations():
+    from flashcore.ops._common import _arg_class
+
+    buf = torch.zeros(64)
+    assert _arg_class(buf) != _arg_class(buf[1:])      # 16-byte aligned base vs not
+    assert _arg_class(buf) == _arg_class(buf[4:])
+    assert _arg_class(buf) != _arg_class(buf.half())   # dtype
+    assert _arg_class(32) == _arg_class(4096) != _arg_class(33)
+    assert _arg_class(1) != _arg_class(3) and _arg_class(2**31) != _arg_class(2**31 - 16)
+
+
 def test_sm_scale_and_int_kv_start(device):
     q, k, v = qkv(1, 4, 1, 1, 57, 64, dtype=torch.float32, device=device, seed=23)
     kv_lens = torch.tensor([50], device=device)

@@ -117,13 +117,14 @@ def test_sm_scale(device):
     (dict(dtype_k=torch.float32), "share a dtype"),
     (dict(q_offset=torch.tensor([1.0])), "integer tensor"),
     (dict(kv_end=torch.tensor([1, 2, 3])), "one entry per batch row"),
+    (dict(sm_scale=-0.1), "sm_scale must be positive"),
 ])
 def test_bad_inputs_raise_value_error(bad, message):
     d = bad.get("d", 64)
     q = torch.zeros(1, 6, 3, d, dtype=torch.float16)
     k = torch.zeros(1, bad.get("k_heads", 2), 5, d, dtype=bad.get("dtype_k", torch.float16))
     v = torch.zeros(1, bad.get("k_heads", 2), 5, d, dtype=torch.float16)
-    kwargs = {key: bad[key] for key in ("q_offset", "kv_end") if key in bad}
+    kwargs = {key: bad[key] for key in ("q_offset", "kv_end", "sm_scale") if key in bad}
     with pytest.raises(ValueError, match=message):
         prefill_attention(q, k, v.to(k.dtype) if "dtype_k" not in bad else v, **kwargs)
 
