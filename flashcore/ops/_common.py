@@ -11,6 +11,7 @@ import math
 
 import torch
 
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels fold it into the softmax scale
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 128)
 

@@ -15,10 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcore.ops._common import (LaunchCache, check_qkv, default_scale, empty_bhsd, split_row_arg,
+from flashcore.ops._common import (LOG2E, LaunchCache, check_qkv, default_scale, empty_bhsd, split_row_arg,
                                    use_custom_op)
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -129,7 +127,7 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _decode_config(head_dim: int, on_gpu: bool) -> dict:
+def _decode_config(on_gpu: bool) -> dict:
     """Key block and launch parameters (fixed: no autotune, so the first call is capturable)."""
     if not on_gpu:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, min_chunk=64, waves=2)
@@ -163,7 +161,7 @@ def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     for t in (q, k_cache, v_cache):
         if t.stride(3) != 1:
             raise ValueError("decode_attention: the head_dim axis of q and the caches must have stride 1")
-    cfg = _decode_config(d, q.is_cuda)
+    cfg = _decode_config(q.is_cuda)
     group = hq // hkv
     if num_splits <= 0:
         num_splits = choose_num_splits(batch, hkv, s_max, _sm_count(q.device), cfg["BLOCK_N"], cfg["min_chunk"],

@@ -18,9 +18,7 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-from flashcore.ops._common import check_qkv, default_scale, empty_bhsd, split_row_arg, use_custom_op
-
-LOG2E = 1.4426950408889634
+from flashcore.ops._common import LOG2E, check_qkv, default_scale, empty_bhsd, split_row_arg, use_custom_op
 
 
 @triton.jit

@@ -79,10 +79,7 @@ def time_cuda_graph(model, prompt: torch.Tensor, steps: int, warmup: int = 3) ->
 
     cache = _static_cache(model, max_len)
     positions = torch.arange(cache_len, device=prompt.device).view(1, -1)
-    kwargs = {decoding.cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1, "position_ids": positions}
-    if _wants_cache_position(model):
-        kwargs["cache_position"] = positions.view(-1)
-    logits = model(input_ids=prompt, **kwargs).logits
+    logits = model(input_ids=prompt, **_step_kwargs(model, cache, positions)).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     position = torch.full((1, 1), cache_len, dtype=torch.long, device=prompt.device)
     torch.cuda.synchronize()
