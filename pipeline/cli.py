@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import errors
@@ -87,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _host_from_args(a: argparse.Namespace) -> HostConfig:
-    gpu_default = "none" if a.local else "H100"
+def _gpu_flag(value: str):
     try:
-        gpu = parse_gpu_requirement(gpu_default if a.require_gpu is None else a.require_gpu)
+        return parse_gpu_requirement(value)
     except ValueError as e:
         raise UsageError(f"--require-gpu: {e}") from None
+
+
+def _host_from_args(a: argparse.Namespace) -> HostConfig:
+    gpu = _gpu_flag(a.require_gpu if a.require_gpu is not None else ("none" if a.local else "H100"))
     if a.local:
         return HostConfig(name="local", address="localhost", port=0, user=os.environ.get("USER", "local"),
                           python=a.python or sys.executable, workspace=a.workspace or DEFAULT_WORKSPACE, gpu=gpu,
@@ -117,11 +121,7 @@ def _overrides(a: argparse.Namespace, cfg: HostConfig) -> HostConfig:
         kw["accept_new_host_key"] = True
     cfg = cfg.with_overrides(**kw)
     if a.require_gpu is not None:
-        try:
-            from dataclasses import replace
-            cfg = replace(cfg, gpu=parse_gpu_requirement(a.require_gpu))
-        except ValueError as e:
-            raise UsageError(f"--require-gpu: {e}") from None
+        cfg = replace(cfg, gpu=_gpu_flag(a.require_gpu))
     return cfg
 
 

@@ -92,10 +92,6 @@ def requirements(root: Path = REPO_ROOT) -> list[str]:
         return re.findall(r'"([^"]+)"', block.group(1)) if block else []
 
 
-def dist_name(requirement: str) -> str:
-    return re.split(r"[\s<>=!~;\[(]", requirement.strip(), maxsplit=1)[0]
-
-
 def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str]) -> str:
     script = (REMOTE_SCRIPTS / "install.py").read_bytes()
     blob = json.dumps({"reqs": reqs, "python": python, "wheels": sorted(wheel_names)}, sort_keys=True).encode()
