@@ -22,7 +22,7 @@ from typing import TextIO
 from pipeline.errors import UsageError
 from pipeline.gpu_result import GpuResult
 from pipeline.history import HistoryStore, default_path
-from pipeline.regression import Finding, assess
+from pipeline.regression import Finding, assess, spec_for
 
 DEFAULT_METRIC = "decode.cuda_graph.flashcore_ms"
 DEFAULT_LAST = 14
@@ -122,7 +122,8 @@ def plot_png(points: Sequence[Point], path: Path, title: str = "") -> Path:
             for t, p in zip(when, pts):
                 if p.finding and p.finding.label in marks:
                     ax.plot([t], [p.value], linestyle="none", **marks[p.finding.label])
-        ax.set_ylabel(metric, fontsize=8)
+        spec = spec_for(metric)
+        ax.set_title(f"{metric}: {spec.title}" if spec else metric, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     if not metrics:

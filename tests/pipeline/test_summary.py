@@ -103,8 +103,8 @@ def _h100(host: str, day: int, slow: float = 1.0, report_dir: Path | None = None
     return r
 
 
-def _two_gpu_failing(day: int) -> HostRunResult:
-    r = _h100("lab-b", day)
+def _two_gpu_failing(day: int, report_dir: Path) -> HostRunResult:
+    r = _h100("lab-b", day, report_dir=report_dir)
     r.verdict, r.exit_code = "FAILED: parity", 1
     r.parity = json.loads(FAIL_DOC.read_text())
     r.steps = [StepResult("connect", "ok"), StepResult("suite", "failed", 41.8, "parity failed")]
@@ -120,7 +120,7 @@ def _unreachable(day: int) -> HostRunResult:
 
 
 def _night(report_dir: Path, day: int, slow: float, env: dict) -> object:
-    hosts = [_h100("h100-a", day, slow, report_dir), _two_gpu_failing(day), _unreachable(day)]
+    hosts = [_h100("h100-a", day, slow, report_dir), _two_gpu_failing(day, report_dir), _unreachable(day)]
     return finish_fleet(hosts, report_dir, target="nightly", started_at=f"2026-12-{day:02d}T02:17:00+00:00",
                         environ=env)
 
