@@ -7,8 +7,8 @@
     scenarios  (result, name) -> passed
     versions   (result, name) -> value       driver, cuda, torch, triton, transformers, python, code, revision
 
-The default file is `history.sqlite` beside the reports (`default_path(report_dir)`); an inventory's `history:`
-key names another. WAL lets readers (`flashcore-deploy history`) run while a nightly writes, and several writers
+The default file is `history.sqlite` beside the reports (`default_path(report_dir)`); any other path can be given
+(the inventory's `history:` key, once the fleet runner reads it). WAL lets readers (`flashcore-deploy history`) run while a nightly writes, and several writers
 wait for each other (busy timeout) instead of failing. WAL needs a local filesystem (not NFS).
 
 Schema versions: `PRAGMA user_version` holds how many entries of MIGRATIONS have been applied; opening a file
