@@ -13,7 +13,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline import errors
+from pipeline import errors, subcommands
 from pipeline.errors import PipelineError, UsageError
 from pipeline.inventory import (DEFAULT_MODEL, DEFAULT_WORKSPACE, HostConfig, load_inventory, parse_gpu_requirement,
                                 resolve_host, select_hosts)
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        if (code := subcommands.dispatch(argv)) is not None:   # history, schedule
+            return code
         return overall_exit_code(run(argv))
     except PipelineError as e:
         if debug:

@@ -1,0 +1,169 @@
+"""One GPU's result in a fleet run: the record the history store keeps, the summary lists and JUnit reports.
+
+    GpuResult        host, GPU (index, UUID, model), status, verdict, failed step, duration, metrics, scenario
+                     verdicts, versions, report path
+    gpu_results()    today's HostRunResult -> one GpuResult per GPU the host has
+    parity_metrics() a flashcore.parity/1 document -> {metric name: value}, unknown scenarios and modes included
+
+Today's runner validates one GPU per host (the suite runs on the default device, GPU 0): a host with N GPUs gives
+a record for GPU 0 with the run's figures and N-1 records named "not run". When the runner runs one suite per GPU
+it produces one GpuResult per GPU directly (with `gpu_result()` below, per GPU) and nothing here changes.
+
+Metric names (all floats; direction and gating in `pipeline.regression.METRICS`):
+
+    decode.<mode>.flashcore_ms   decode latency per token, <mode> = eager | cuda_graph | any mode the suite adds
+    decode.<mode>.sdpa_ms        the same for SDPA, measured in the same run (the reference)
+    decode.<mode>.ratio          flashcore_ms / sdpa_ms (lower is better; host speed cancels out)
+    err_bound.<scenario>         worst logit error over its bound in that scenario (1.0 = at the bound), for every
+                                 scenario whose `measured` has *err_over_bound keys (per-row ones take the worst)
+    suite_duration_s             the suite's own wall time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline import errors
+from pipeline.results import GpuInfo, HostRunResult
+
+Status = Literal["passed", "failed", "error", "unreachable", "interrupted", "unknown", "not run"]
+NOT_RUN = "not run"
+# versions compared between runs ("environment changed: torch 2.11.0 -> 2.12.0"); the code hash is kept apart
+ENV_KEYS = ("driver", "cuda", "torch", "triton", "transformers", "python")
+CODE_KEY = "code"
+
+
+@dataclass
+class GpuResult:
+    host: str
+    gpu_index: int | None           # None: a host without GPU (the suite ran on the CPU)
+    gpu_uuid: str = ""
+    gpu_name: str = ""              # the model, e.g. "NVIDIA H100 80GB HBM3"; "cpu": ran without GPU; "": unknown
+    status: Status = "unknown"
+    verdict: str = ""               # the host report's verdict line, e.g. "FAILED: parity"
+    failed_step: str = ""
+    exit_code: int = 0
+    duration_s: float = 0.0
+    started_at: str = ""            # ISO 8601, UTC
+    metrics: dict[str, float] = field(default_factory=dict)
+    scenarios: dict[str, bool] = field(default_factory=dict)   # scenario name -> passed
+    versions: dict[str, str] = field(default_factory=dict)     # ENV_KEYS + CODE_KEY + revision
+    report: str = ""                # the host report (Markdown) this GPU's result is in
+    note: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return self.status != NOT_RUN
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def label(self) -> str:
+        """`host gpu0`, `host cpu` or `host` (no GPU known): one line of the recap, one JUnit test case."""
+        if self.gpu_index is not None:
+            return f"{self.host} gpu{self.gpu_index}"
+        return f"{self.host} cpu" if self.gpu_name == "cpu" else self.host
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> GpuResult:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+def status_for(exit_code: int) -> Status:
+    """Ansible-recap style state of a run from its exit code (pipeline.errors)."""
+    return {errors.EXIT_OK: "passed", errors.EXIT_PARITY: "failed", errors.EXIT_GPU: "failed",
+            errors.EXIT_CONNECT: "unreachable", errors.EXIT_STEP: "error", errors.EXIT_USAGE: "error",
+            errors.EXIT_INTERRUPTED: "interrupted"}.get(exit_code, "unknown")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if value == value else None   # NaN is no measurement
+
+
+def parity_metrics(doc: dict[str, Any] | None) -> dict[str, float]:
+    """{metric: value} from a flashcore.parity/1 document; anything missing or malformed is left out."""
+    if not isinstance(doc, dict):
+        return {}
+    out: dict[str, float] = {}
+    latency = doc.get("latency") if isinstance(doc.get("latency"), dict) else {}
+    for row in latency.get("rows") or []:
+        if not isinstance(row, dict) or not row.get("mode"):
+            continue
+        mode = str(row["mode"])
+        fc, sdpa = _number(row.get("flashcore_ms")), _number(row.get("sdpa_ms"))
+        if fc is not None:
+            out[f"decode.{mode}.flashcore_ms"] = fc
+        if sdpa is not None:
+            out[f"decode.{mode}.sdpa_ms"] = sdpa
+        if fc is not None and sdpa:
+            out[f"decode.{mode}.ratio"] = fc / sdpa
+    for scen in doc.get("scenarios") or []:
+        if not isinstance(scen, dict) or not scen.get("name") or not isinstance(scen.get("measured"), dict):
+            continue
+        margins = [x for k, v in scen["measured"].items()
+                   if str(k).endswith("err_over_bound") and (x := _number(v)) is not None]
+        if margins:
+            out[f"err_bound.{scen['name']}"] = max(margins)
+    if (d := _number(doc.get("duration_s"))) is not None:
+        out["suite_duration_s"] = d
+    return out
+
+
+def scenario_verdicts(doc: dict[str, Any] | None) -> dict[str, bool]:
+    if not isinstance(doc, dict):
+        return {}
+    return {str(s["name"]): s["passed"] for s in doc.get("scenarios") or []
+            if isinstance(s, dict) and s.get("name") and isinstance(s.get("passed"), bool)}
+
+
+def versions_of(result: HostRunResult, gpu: GpuInfo | None) -> dict[str, str]:
+    v = result.versions
+    suite_env = (result.parity or {}).get("environment") if isinstance(result.parity, dict) else None
+    suite_env = suite_env if isinstance(suite_env, dict) else {}
+    out = {
+        "driver": gpu.driver_version if gpu else "",
+        "cuda": v.get("torch_cuda") or (gpu.cuda_version if gpu else "") or str(suite_env.get("cuda") or ""),
+        **{k: v.get(k) or str(suite_env.get(k) or "") for k in ("torch", "triton", "transformers", "python")},
+        CODE_KEY: v.get("flashcore_content_hash") or result.sync.content_hash,
+        "revision": v.get("flashcore_revision", ""),
+    }
+    return {k: str(x) for k, x in out.items() if x not in (None, "")}
+
+
+def gpu_result(result: HostRunResult, gpu: GpuInfo | None, ran: bool = True) -> GpuResult:
+    """The record of one GPU of `result` (`gpu=None`: a host without GPU). `ran=False`: named, not validated."""
+    failed = result.failed_steps
+    rec = GpuResult(
+        host=result.host, gpu_index=gpu.index if gpu else None, gpu_uuid=gpu.uuid if gpu else "",
+        gpu_name=gpu.name if gpu else ("cpu" if result.device == "cpu" else ""), started_at=result.started_at,
+        report=result.artifacts.get("report_md", ""), versions=versions_of(result, gpu))
+    if not ran:
+        rec.status, rec.verdict = NOT_RUN, NOT_RUN
+        rec.note = "not validated: this run validated GPU 0 only (the suite ran on the default device)"
+        return rec
+    rec.status, rec.verdict, rec.exit_code = status_for(result.exit_code), result.verdict, result.exit_code
+    rec.failed_step = failed[0].name if failed else ""
+    rec.duration_s = result.duration_s
+    rec.metrics, rec.scenarios = parity_metrics(result.parity), scenario_verdicts(result.parity)
+    if gpu and gpu.processes:
+        rec.note = f"{len(gpu.processes)} process(es) already on this GPU"
+    return rec
+
+
+def gpu_results(result: HostRunResult) -> list[GpuResult]:
+    """Today's HostRunResult -> one GpuResult per GPU: GPU 0 ran, the others are named "not run". A run that
+    stopped before listing GPUs (unreachable, ...) or a host without GPU yields one record without a GPU."""
+    gpus = sorted(result.gpus, key=lambda g: g.index)
+    if not gpus or result.device == "cpu":
+        return [gpu_result(result, None)]
+    return [gpu_result(result, g, ran=(i == 0)) for i, g in enumerate(gpus)]

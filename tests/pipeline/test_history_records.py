@@ -1,0 +1,119 @@
+"""Per-GPU records from today's HostRunResult: metrics out of real flashcore.parity/1 documents (the H100 8B run,
+the CPU tiny run), unknown scenarios/modes tolerated, malformed values dropped, one record per GPU (GPU 0 ran, the
+others named "not run"), statuses, versions, and the JSON round trip."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.gpu_result import GpuResult, gpu_results, parity_metrics, scenario_verdicts, status_for
+from pipeline.results import GpuInfo, HostRunResult, StepResult
+
+FIX = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+H100_DOC = ROOT / "tests" / "parity" / "fixtures" / "parity-llama-3.1-8b-h100.json"
+H100_REPORT = ROOT / "docs" / "reports" / "127.0.0.1_2222-20261125T131741Z.json"
+
+
+def _doc(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_metrics_of_the_real_h100_document():
+    m = parity_metrics(_doc(H100_DOC))
+    assert m["decode.cuda_graph.flashcore_ms"] == pytest.approx(8.691689968749916)
+    assert m["decode.cuda_graph.sdpa_ms"] == pytest.approx(10.4476094999999)
+    assert m["decode.cuda_graph.ratio"] == pytest.approx(8.691689968749916 / 10.4476094999999)
+    assert m["decode.eager.flashcore_ms"] == pytest.approx(46.31110037500008)
+    assert m["err_bound.single_token"] == pytest.approx(0.42279887199401855)
+    assert m["err_bound.batch_4"] == pytest.approx(0.4884451627731323)   # the worst of its four rows
+    assert "err_bound.gqa_memory" not in m                                # no error bound in that scenario
+    assert m["suite_duration_s"] == pytest.approx(64.58)
+    assert scenario_verdicts(_doc(H100_DOC)) == dict.fromkeys(
+        ["single_token", "generate_50", "generate_200", "gqa_memory", "batch_4"], True)
+
+
+def test_cpu_document_has_margins_but_no_latency():
+    m = parity_metrics(_doc(FIX / "parity" / "pass_cpu_tiny.json"))
+    assert not [k for k in m if k.startswith("decode.")]       # latency skipped on the CPU
+    assert {k for k in m if k.startswith("err_bound.")} == {f"err_bound.{s}" for s in
+                                                            ("single_token", "generate_50", "generate_200", "batch_4")}
+
+
+def test_unknown_scenarios_and_modes_are_kept_and_malformed_values_dropped():
+    doc = copy.deepcopy(_doc(H100_DOC))
+    doc["scenarios"].append({"name": "sliding_window", "passed": False,
+                             "measured": {"worst_err_over_bound": 1.7, "note": "text", "row0_err_over_bound": True}})
+    doc["scenarios"].append({"passed": True, "measured": {"worst_err_over_bound": 0.1}})      # no name
+    doc["scenarios"].append({"name": "odd", "passed": "yes", "measured": "not a dict"})
+    doc["latency"]["rows"] += [{"mode": "paged", "flashcore_ms": 7.5, "sdpa_ms": 0},          # no ratio from 0
+                               {"mode": "nan", "flashcore_ms": math.nan, "sdpa_ms": 3.0},
+                               {"flashcore_ms": 1.0}, "garbage"]
+    doc["duration_s"] = "64"
+    m = parity_metrics(doc)
+    assert m["err_bound.sliding_window"] == 1.7
+    assert m["decode.paged.flashcore_ms"] == 7.5 and "decode.paged.ratio" not in m
+    assert "decode.nan.flashcore_ms" not in m and m["decode.nan.sdpa_ms"] == 3.0
+    assert "err_bound.odd" not in m and "suite_duration_s" not in m
+    assert scenario_verdicts(doc)["sliding_window"] is False and "odd" not in scenario_verdicts(doc)
+    assert parity_metrics(None) == {} and parity_metrics({"latency": "x", "scenarios": None}) == {}
+
+
+def test_real_report_gives_one_record_with_its_facts():
+    r = HostRunResult.from_dict(_doc(H100_REPORT))
+    [g] = gpu_results(r)
+    assert (g.host, g.gpu_index, g.gpu_name, g.status, g.verdict, g.exit_code) == \
+        ("127.0.0.1:2222", 0, "NVIDIA H100 80GB HBM3", "passed", "PASSED", 0)
+    assert g.gpu_uuid.startswith("GPU-") and g.label == "127.0.0.1:2222 gpu0"
+    assert g.versions["driver"] == "580.159.04" and g.versions["torch"] == "2.11.0+cu130"
+    assert g.versions["cuda"] == "13.0" and g.versions["transformers"] == "5.17.0"
+    assert g.versions["code"] == r.versions["flashcore_content_hash"]
+    assert g.metrics["decode.cuda_graph.flashcore_ms"] == pytest.approx(8.662377312500524)
+    assert g.duration_s == r.duration_s and g.started_at == r.started_at and not g.failed_step
+
+
+def _multi_gpu_failed() -> HostRunResult:
+    r = HostRunResult(host="lab-b", address="10.0.0.2", port=22, user="root", local=False, model="llama-3.1-8b",
+                      device="cuda", verdict="FAILED: parity", exit_code=1, duration_s=300.0,
+                      started_at="2026-11-26T02:17:00+00:00", artifacts={"report_md": "reports/lab-b-x.md"})
+    r.gpus = [GpuInfo(1, "NVIDIA H100 80GB HBM3", "GPU-bbb", driver_version="580.1"),
+              GpuInfo(0, "NVIDIA H100 80GB HBM3", "GPU-aaa", driver_version="580.1")]
+    r.steps = [StepResult("connect", "ok"), StepResult("suite", "failed", 290.0, "parity failed")]
+    r.parity = _doc(FIX / "parity" / "fail_h100_synthetic.json")
+    return r
+
+
+def test_two_gpus_today_one_ran_one_named_not_run():
+    g0, g1 = gpu_results(_multi_gpu_failed())
+    assert (g0.gpu_index, g0.gpu_uuid, g0.status, g0.failed_step, g0.exit_code) == (0, "GPU-aaa", "failed", "suite", 1)
+    assert g0.scenarios["batch_4"] is False and g0.metrics and g0.report == "reports/lab-b-x.md"
+    assert (g1.gpu_index, g1.gpu_uuid, g1.status, g1.ran) == (1, "GPU-bbb", "not run", False)
+    assert not g1.metrics and g1.exit_code == 0 and "GPU 0 only" in g1.note
+
+
+def test_unreachable_and_cpu_hosts():
+    down = HostRunResult(host="lab-c", address="10.0.0.3", port=22, user="root", local=False, model="m",
+                         verdict="UNREACHABLE", exit_code=3, steps=[StepResult("connect", "failed")])
+    [g] = gpu_results(down)
+    assert (g.gpu_index, g.gpu_name, g.status, g.failed_step, g.label) == (None, "", "unreachable", "connect", "lab-c")
+    cpu = HostRunResult(host="local", address="localhost", port=0, user="me", local=True, model="tiny",
+                        device="cpu", verdict="PASSED", parity=_doc(FIX / "parity" / "pass_cpu_tiny.json"))
+    [c] = gpu_results(cpu)
+    assert (c.gpu_name, c.label, c.status) == ("cpu", "local cpu", "passed") and c.scenarios
+
+
+@pytest.mark.parametrize("code, status", [(0, "passed"), (1, "failed"), (2, "error"), (3, "unreachable"),
+                                          (4, "failed"), (5, "error"), (130, "interrupted"), (77, "unknown")])
+def test_status_from_exit_code(code, status):
+    assert status_for(code) == status
+
+
+def test_json_round_trip_ignores_unknown_keys():
+    g = gpu_results(_multi_gpu_failed())[0]
+    doc = json.loads(json.dumps(g.to_dict()))
+    assert GpuResult.from_dict({**doc, "added_later": 1}) == g
