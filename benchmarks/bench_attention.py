@@ -174,7 +174,7 @@ def tune(budget: int) -> tuple[list[dict], list]:
                     err = layers.max_error(decode_attention)
                     if not err < 2e-2:
                         raise AssertionError(f"max error {err}")
-                    us = graph_us(layers.calls(decode_attention))
+                    us = graph_us(layers.calls(decode_attention), reps=20)
                 except Exception as exc:  # a candidate that fails is reported, not fatal
                     log(f"tune B={batch} S={seq} {cfg}: failed: {str(exc).splitlines()[0][:200]}")
                     continue
@@ -278,6 +278,12 @@ def main(argv=None) -> int:
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                python=platform.python_version(), copy_bandwidth_tb_s=bandwidth / 1e12, head_dim=D, dtype=str(DTYPE))
+
+    def save() -> None:  # after every phase: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(doc, fh, indent=1, default=str)
+
     if args.tune:
         doc["tune"], table = tune(budget)
         doc["table"] = table_rows(table)
@@ -285,6 +291,7 @@ def main(argv=None) -> int:
         if args.apply:
             install_table(table)
     doc["applied_table"] = table_rows(decode_mod.GPU_TABLE)
+    save()
     if args.sweep:
         doc["decode"] = []
         for heads, batch, seq in SWEEP:
@@ -292,10 +299,12 @@ def main(argv=None) -> int:
             r = doc["decode"][-1]
             log(f"decode {heads} B={batch} S={seq}: " + ", ".join(
                 f"{n} {r[f'{n}_graph_us']:.2f}" for n in impls if r[f"{n}_graph_us"] is not None))
+        save()
         doc["host"] = [host_row(b, s, impls) for b, s in HOST_SHAPES]
         for r in doc["host"]:
             log(f"host B={r['batch']} S={r['seq']}: " + ", ".join(
                 f"{n} {r[f'{n}_host_us']:.1f} us host / {r[f'{n}_do_bench_us']:.1f} us do_bench" for n in impls))
+        save()
         doc["prefill"] = []
         for seq in PREFILL_SEQS:
             try:
@@ -303,10 +312,8 @@ def main(argv=None) -> int:
                 log(f"prefill S={seq}: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["prefill"][-1].items()))
             except Exception as exc:
                 log(f"prefill S={seq}: failed: {str(exc).splitlines()[0][:200]}")
+        save()
         print_decode(doc["decode"], list(impls))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1, default=str)
     return 0
 
 
