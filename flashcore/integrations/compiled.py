@@ -3,17 +3,18 @@
     with compiled_decode_blocks(model):          # Llama / Mistral / Qwen2 from transformers, any attention
         ...capture one decode step in a CUDA graph (flashcore.parity.latency.time_cuda_graph) and replay it
 
-In eager transformers every decode layer runs ~35 kernels, most of them tiny elementwise ones (RMSNorm is six,
-the rotary embedding ten, SwiGLU's activation and product two); at batch 1 each costs a launch slot of ~2 us even
-inside a CUDA graph, ~2 ms per token on the 8B shape next to ~5.3 ms of weight reads. Here the RMSNorms, the
-rotary embedding and the MLP of single-token forwards go through torch.compile'd functions (inductor: one fused
-Triton kernel per norm, one per rotary call, the projections stay cuBLAS), compiled once per shape and shared by
+In eager transformers a decode layer runs ~25 tiny elementwise kernels around its projections and attention
+(counted from the code: ~7 per RMSNorm, ~10 for the rotary embedding, SwiGLU's activation and product two); at
+batch 1 each costs a launch slot of a few us even inside a CUDA graph. Compiling these blocks took the 8B shape's
+graphed step from 8.71 to 7.23 ms/token on the H100 (docs/BENCHMARKS.md, 2026-11-28). Here the RMSNorms, the
+rotary embedding and the MLP of single-token forwards go through torch.compile'd functions (inductor: fused
+Triton kernels for the elementwise work, the projections stay cuBLAS), compiled once per shape and shared by
 all layers (plain functions of tensors, so no per-layer guards or recompiles). Multi-token forwards (prefill) keep
 the model's own code. The model's weights and modules are untouched; leaving the block restores everything.
 
-Whole-model torch.compile (generate()'s static-cache path) does the same and more, but compiles 32 layers (minutes
-on the 8B shape) and adds its own cudagraph trees; this compiles three small functions in seconds and leaves the
-step to one CUDA graph the caller captures.
+Whole-model torch.compile (generate()'s static-cache path) fuses the same and more, but traces every layer and
+brings its own cudagraph trees; this compiles three small functions (8-9 s on the H100 box) and leaves the step to
+one CUDA graph the caller captures.
 """
 
 from __future__ import annotations

@@ -171,9 +171,21 @@ class DecodeConfig:
 
 CPU_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=1, min_chunk=64, waves=2)
 # (most rows, most keys, config): the first row with rows = batch * KV heads <= most rows and cache slots <= most
-# keys wins. Measured on the H100 (docs/BENCHMARKS.md, "Decode launch table").
+# keys wins. Picked on the H100 by `benchmarks/bench_attention.py --tune` (2026-11-28; docs/BENCHMARKS.md): per
+# cell the fastest of nine candidates in a 32-layer CUDA graph, the default unless one is >= 3% faster.
 GPU_TABLE: tuple[tuple[int, int, DecodeConfig], ...] = (
-    (2**62, 2**62, DecodeConfig()),
+    (16, 4096, DecodeConfig(num_stages=3, min_chunk=128, waves=4, pdl=False)),
+    (16, 16384, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
+    (16, 2**62, DecodeConfig(num_stages=3, min_chunk=256, waves=2, pdl=False)),
+    (128, 4096, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (128, 16384, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (128, 2**62, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (256, 4096, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
+    (256, 16384, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
+    (256, 2**62, DecodeConfig(num_stages=2, min_chunk=512, waves=1, pdl=False)),
+    (2**62, 4096, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (2**62, 16384, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (2**62, 2**62, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=False)),
 )
 
 

@@ -90,7 +90,7 @@ def test_strided_inputs(dtype, device):
 
 
 def test_repeated_calls_follow_new_tensors_and_alignment(device):
-    # The same shapes again (on CUDA: a launch from the LaunchCache) with new data, new lengths, and caches whose
+    # The same shapes again (on CUDA: the cached plan's direct launch) with new data, new lengths, and caches whose
     # base is 16-byte aligned, then not (a different kernel specialisation): every call equals the reference.
     batch, hq, hkv, s_max, d = 2, 8, 2, 96, 64
     numel = batch * hkv * s_max * d
@@ -171,6 +171,18 @@ def test_choose_num_splits_fills_the_gpu():
     assert choose_num_splits(64, 8192, 132, cfg) == 5         # B=8
     assert choose_num_splits(512, 512, 132, cfg) == 1         # B=64
     assert choose_num_splits(1, 131072, 132, cfg) == 64       # capped
+
+
+def test_launch_table_covers_every_shape():
+    # The first matching row wins and the last row matches everything; cells grow along both axes.
+    table = decode_mod.GPU_TABLE
+    assert table[-1][:2] == (2**62, 2**62)
+    for rows in (1, 8, 16, 17, 64, 129, 256, 257, 4096):
+        for keys in (1, 512, 4096, 4097, 16384, 16385, 131072):
+            cfg = decode_mod.decode_config(rows, keys, on_gpu=True)
+            first = next(c for r, k, c in table if rows <= r and keys <= k)
+            assert cfg is first and cfg.block_n % 16 == 0 and cfg.min_chunk >= cfg.block_n
+    assert decode_mod.decode_config(8, 2048, on_gpu=False) is decode_mod.CPU_CONFIG
 
 
 def test_torch_compile_fullgraph(device):
