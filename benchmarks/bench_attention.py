@@ -1,60 +1,66 @@
-"""Time flashcore's attention kernels beside PyTorch SDPA (enable_gqa=True) on LLaMA-3.1-8B heads.
+"""Time flashcore's attention kernels beside PyTorch SDPA (enable_gqa=True), in one process on one card.
 
-    python benchmarks/bench_attention.py --json docs/bench_attention.json
+    python benchmarks/bench_attention.py --tune --apply --sweep --baseline .kx/.baseline --json out.json
 
-Shapes: Hq 32, Hkv 8, D 128, bf16. Decode: B in {1, 8} x a full cache of {512, 2048, 8192, 32768} keys;
-causal prefill at 2048 and 8192 (B=1). Each figure is a median:
-  - "do_bench": triton.testing.do_bench (L2 flushed before each call; includes the host launch cost of a call);
-  - "host": host time of one eager call (mean over 200 calls issued back to back without a sync);
-  - "graph": CUDA-graph replay of calls over rotating cache copies (so the cache is not L2-resident),
-    divided by the calls per replay: what a graphed whole-model decode step pays.
-HBM floor = KV bytes / measured device-to-device copy bandwidth (bytes read + written / time).
---sweep then times a few launch configurations of each kernel (for tuning).
+Decode is timed the way a model step sees it: a CUDA graph holding one call per layer over 32 separate caches
+(fewer where 32 would not fit in --layer-gib), replayed; the figure is the median replay time divided by the
+layers. SDPA reads the whole cache with no mask (kv_lens = the cache length for flashcore too).
+  --tune     times each candidate launch configuration (decode.DecodeConfig) on one shape per cell of the
+             launch table (rows = batch * KV heads, keys = cache slots) and prints the table it would pick;
+  --apply    installs that table for the rest of the run (what the sweep then measures);
+  --sweep    the decode sweep (GQA 32:8 at B 1..64 and caches 512..131072; GQA 8:1 (64:8) and MHA (32:32)),
+             eager host time per call and do_bench (L2 flushed) at two shapes, causal prefill at 2048/8192/16384;
+  --baseline DIR  also times DIR/flashcore_before (benchmarks/make_baseline.py: the kernels of another revision).
+HBM floor = KV bytes / measured device-to-device copy bandwidth (bytes read + written). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import platform
+import sys
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from flashcore.ops import decode_attention, prefill_attention
 from flashcore.ops import decode as decode_mod
-from flashcore.ops import prefill as prefill_mod
+from flashcore.ops import decode_attention, prefill_attention
+from flashcore.ops.decode import DecodeConfig
 
-HQ, HKV, D = 32, 8, 128
+D = 128
 DTYPE = torch.bfloat16
-L2_BYTES = 50 * 2**20
+LLAMA = (32, 8)  # Hq, Hkv of LLaMA-3.1-8B
+ROW_EDGES = (16, 128, 256, 2**62)  # launch-table cells: rows = batch * KV heads ...
+KEY_EDGES = (4096, 16384, 2**62)    # ... and cache slots; one measured shape per cell:
+CELL_SHAPES = {(r, k): (rows // LLAMA[1], keys) for r, rows in zip(ROW_EDGES, (8, 64, 256, 512))
+               for k, keys in zip(KEY_EDGES, (2048, 8192, 32768))}
+CANDIDATES = [
+    DecodeConfig(),                                                     # the default
+    DecodeConfig(min_chunk=128, waves=4),                               # more, shorter splits
+    DecodeConfig(min_chunk=512, waves=1),                               # fewer, longer splits
+    DecodeConfig(waves=6),                                              # several waves at large batch
+    DecodeConfig(num_stages=2),                                         # less shared memory
+    DecodeConfig(num_stages=2, min_chunk=512, waves=1),
+    DecodeConfig(num_stages=2, min_chunk=128, waves=4),
+    DecodeConfig(pdl=True),                                             # programmatic dependent launch
+    DecodeConfig(num_stages=2, pdl=True),
+]
+SWEEP = ([(LLAMA, b, s) for b, s in [(1, 512), (1, 2048), (1, 8192), (1, 32768), (1, 131072), (8, 2048), (8, 8192),
+                                      (8, 32768), (32, 2048), (32, 8192), (64, 512), (64, 4096)]]
+         + [((64, 8), b, s) for b, s in [(1, 8192), (8, 8192), (32, 2048)]]
+         + [((32, 32), b, s) for b, s in [(1, 8192), (8, 2048), (32, 2048)]])
+HOST_SHAPES = [(1, 2048), (8, 8192)]
+PREFILL_SEQS = (2048, 8192, 16384)
 
 
-@dataclass
-class Row:
-    op: str
-    batch: int
-    seq: int
-    flashcore_us: float
-    sdpa_us: float
-    flashcore_graph_us: float | None = None
-    sdpa_graph_us: float | None = None
-    hbm_floor_us: float | None = None
-    flashcore_host_us: float | None = None
-    sdpa_host_us: float | None = None
-    flashcore_tflops: float | None = None
-    sdpa_tflops: float | None = None
-
-    @property
-    def speedup(self) -> float:
-        fc = self.flashcore_graph_us or self.flashcore_us
-        sd = self.sdpa_graph_us or self.sdpa_us
-        return sd / fc
+def log(*parts) -> None:
+    print(*parts, flush=True)
 
 
 def copy_bandwidth() -> float:
@@ -65,12 +71,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def graph_us(calls, reps: int = 50) -> float:
-    """Median time per call of a CUDA graph replaying `calls` (a list of thunks) back to back."""
+def graph_us(calls, reps: int = 30) -> float:
+    """Median time of a CUDA graph replaying `calls` (thunks) back to back, divided by len(calls)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for fn in calls:  # warm up / compile outside the capture
+        for fn in calls:  # compile / plan outside the capture
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
@@ -79,20 +85,19 @@ def graph_us(calls, reps: int = 50) -> float:
         for fn in calls:
             fn()
     start = time.perf_counter()
-    while time.perf_counter() - start < 0.05:  # 50 ms of replays: clocks ramp up from idle before timing
-        for _ in range(20):
-            graph.replay()
+    while time.perf_counter() - start < 0.05:  # clocks ramp up from idle before timing
+        graph.replay()
         torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    times.sort()
-    return times[len(times) // 2]
+        times.append(begin.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return sorted(times)[len(times) // 2]
 
 
 def host_us(fn, calls: int = 200) -> float:
@@ -108,158 +113,207 @@ def host_us(fn, calls: int = 200) -> float:
     return elapsed / calls * 1e6
 
 
-def decode_sets(batch: int, seq: int):
-    """Enough independent (q, k, v, kv_lens) sets that cycling through them defeats the L2 cache."""
-    kv_bytes = 2 * batch * HKV * seq * D * 2
-    count = max(1, min(32, math.ceil(4 * L2_BYTES / kv_bytes)))
-    sets = []
-    for _ in range(count):
-        q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=DTYPE)
-        k = torch.randn(batch, HKV, seq, D, device="cuda", dtype=DTYPE)
-        v = torch.randn(batch, HKV, seq, D, device="cuda", dtype=DTYPE)
-        sets.append((q, k, v, torch.full((batch,), seq, device="cuda", dtype=torch.int32)))
-    return sets, kv_bytes
+class Layers:
+    """One decode query and a full KV cache per layer: `count` layers, as many as --layer-gib holds (<= 32)."""
+
+    def __init__(self, heads, batch: int, seq: int, budget_bytes: int, count: int = 32):
+        hq, hkv = heads
+        self.heads, self.batch, self.seq = heads, batch, seq
+        self.kv_bytes = 2 * batch * hkv * seq * D * 2
+        self.count = max(1, min(count, budget_bytes // self.kv_bytes))
+        self._ref = None
+        self.sets = []
+        for _ in range(self.count):
+            q = torch.randn(batch, hq, 1, D, device="cuda", dtype=DTYPE)
+            k = torch.randn(batch, hkv, seq, D, device="cuda", dtype=DTYPE)
+            v = torch.randn(batch, hkv, seq, D, device="cuda", dtype=DTYPE)
+            self.sets.append((q, k, v, torch.full((batch,), seq, device="cuda", dtype=torch.int32)))
+
+    def calls(self, fn):
+        return [lambda s=s: fn(*s) for s in self.sets]
+
+    def max_error(self, fn) -> float:
+        """Max |fn - fp32 reference| over batch row 0 of the first layer (the reference once, on that row only)."""
+        q, k, v, lens = self.sets[0]
+        if self._ref is None:
+            self._ref = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float(), enable_gqa=True)
+        return (fn(q, k, v, lens)[:1].float() - self._ref).abs().max().item()
 
 
-def bench_decode(batch: int, seq: int, bandwidth: float) -> Row:
-    sets, kv_bytes = decode_sets(batch, seq)
-    fc = [lambda s=s: decode_attention(s[0], s[1], s[2], s[3]) for s in sets]
-    sd = [lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], enable_gqa=True) for s in sets]
-    q, k, v, lens = sets[0]
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
-    err = (fc[0]().float() - ref).abs().max().item()
-    assert err < 2e-2, f"decode B={batch} S={seq}: max error {err}"
-    row = Row("decode", batch, seq,
-              flashcore_us=do_bench(fc[0], warmup=25, rep=200, return_mode="median") * 1e3,
-              sdpa_us=do_bench(sd[0], warmup=25, rep=200, return_mode="median") * 1e3,
-              flashcore_graph_us=graph_us(fc), sdpa_graph_us=graph_us(sd),
-              hbm_floor_us=kv_bytes / bandwidth * 1e6,
-              flashcore_host_us=host_us(fc[0]), sdpa_host_us=host_us(sd[0]))
-    del sets
+def sdpa_decode(q, k, v, lens):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def install_table(table) -> None:
+    decode_mod.GPU_TABLE = tuple(table)
+    decode_mod._PLANS.clear()  # plans keep the configuration they were made with
+
+
+def table_rows(table) -> list[dict]:
+    return [dict(most_rows=rows, most_keys=keys, **vars(cfg)) for rows, keys, cfg in table]
+
+
+def load_table(path: str) -> list:
+    """The launch table a --tune run wrote to its --json document ("table")."""
+    with open(path) as fh:
+        rows = json.load(fh)["table"]
+    return [(r.pop("most_rows"), r.pop("most_keys"), DecodeConfig(**r)) for r in rows]
+
+
+def tune(budget: int) -> tuple[list[dict], list]:
+    """Each candidate on each cell's shape; the table keeps the default unless a candidate is >= 3% faster."""
+    original = decode_mod.GPU_TABLE
+    results, table = [], []
+    try:
+        for (rows_edge, keys_edge), (batch, seq) in CELL_SHAPES.items():
+            layers = Layers(LLAMA, batch, seq, budget)
+            timed = []
+            for cfg in CANDIDATES:
+                install_table([(2**62, 2**62, cfg)])
+                try:
+                    err = layers.max_error(decode_attention)
+                    if not err < 2e-2:
+                        raise AssertionError(f"max error {err}")
+                    us = graph_us(layers.calls(decode_attention), reps=20)
+                except Exception as exc:  # a candidate that fails is reported, not fatal
+                    log(f"tune B={batch} S={seq} {cfg}: failed: {str(exc).splitlines()[0][:200]}")
+                    continue
+                timed.append((us, cfg))
+                results.append(dict(vars(cfg), batch=batch, seq=seq, layers=layers.count, graph_us=us))
+                log(f"tune B={batch:>2} S={seq:>6} {cfg}: {us:7.2f} us")
+            default_us = next((us for us, cfg in timed if cfg == DecodeConfig()), math.inf)
+            best_us, best = min(timed, key=lambda t: t[0]) if timed else (math.inf, DecodeConfig())
+            pick = best if best_us < 0.97 * default_us else DecodeConfig()
+            table.append((rows_edge, keys_edge, pick))
+            del layers
+            torch.cuda.empty_cache()
+    finally:
+        install_table(original)
+    return results, table
+
+
+def decode_row(heads, batch: int, seq: int, bandwidth: float, budget: int, impls: dict) -> dict:
+    layers = Layers(heads, batch, seq, budget)
+    row = dict(hq=heads[0], hkv=heads[1], batch=batch, seq=seq, layers=layers.count,
+               hbm_floor_us=layers.kv_bytes / bandwidth * 1e6)
+    for name, fn in impls.items():
+        try:
+            err = layers.max_error(fn)
+            if not err < 2e-2:
+                raise AssertionError(f"max error {err}")
+            row[f"{name}_graph_us"] = graph_us(layers.calls(fn))
+        except Exception as exc:
+            row[f"{name}_graph_us"] = None
+            log(f"decode {name} {heads} B={batch} S={seq}: failed: {str(exc).splitlines()[0][:200]}")
+    del layers
+    torch.cuda.empty_cache()
     return row
 
 
-def bench_prefill(batch: int, seq: int) -> Row:
-    q = torch.randn(batch, HQ, seq, D, device="cuda", dtype=DTYPE)
-    k = torch.randn(batch, HKV, seq, D, device="cuda", dtype=DTYPE)
-    v = torch.randn(batch, HKV, seq, D, device="cuda", dtype=DTYPE)
-    flops = 4 * batch * HQ * seq * seq * D / 2  # causal: half the score matrix
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    err = (prefill_attention(q, k, v).float() - ref.float()).abs().max().item()
+def host_row(batch: int, seq: int, impls: dict) -> dict:
+    layers = Layers(LLAMA, batch, seq, 0, count=1)
+    q, k, v, lens = layers.sets[0]
+    row = dict(batch=batch, seq=seq)
+    for name, fn in impls.items():
+        call = lambda fn=fn: fn(q, k, v, lens)  # noqa: E731
+        row[f"{name}_host_us"] = min(host_us(call) for _ in range(3))
+        row[f"{name}_do_bench_us"] = do_bench(call, warmup=25, rep=200, return_mode="median") * 1e3
+    return row
+
+
+def prefill_row(seq: int) -> dict:
+    hq, hkv = LLAMA
+    q = torch.randn(1, hq, seq, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(1, hkv, seq, D, device="cuda", dtype=DTYPE)
+    v = torch.randn(1, hkv, seq, D, device="cuda", dtype=DTYPE)
+    flops = 4 * hq * seq * seq * D / 2  # causal: half the score matrix
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    err = (prefill_attention(q, k, v).float() - sdpa().float()).abs().max().item()
     assert err < 3e-2, f"prefill S={seq}: max error vs sdpa {err}"
     fc_ms = do_bench(lambda: prefill_attention(q, k, v), warmup=50, rep=400, return_mode="median")
-    sd_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                     warmup=50, rep=400, return_mode="median")
-    return Row("prefill", batch, seq, flashcore_us=fc_ms * 1e3, sdpa_us=sd_ms * 1e3,
-               flashcore_tflops=flops / (fc_ms * 1e-3) / 1e12, sdpa_tflops=flops / (sd_ms * 1e-3) / 1e12)
+    sd_ms = do_bench(sdpa, warmup=50, rep=400, return_mode="median")
+    return dict(seq=seq, flashcore_tflops=flops / fc_ms / 1e9, sdpa_tflops=flops / sd_ms / 1e9,
+                ratio=sd_ms / fc_ms)
 
 
-def sweep_prefill(configs, seqs=(2048, 8192)) -> list[dict]:
-    original = prefill_mod._prefill_config
-    results = []
-    for cfg in configs:
-        prefill_mod._prefill_config = lambda *a, cfg=cfg: dict(cfg)
-        try:
-            for seq in seqs:
-                row = bench_prefill(1, seq)
-                results.append(dict(cfg, seq=seq, us=row.flashcore_us, tflops=row.flashcore_tflops,
-                                    sdpa_tflops=row.sdpa_tflops))
-                print(f"sweep prefill {cfg} S={seq}: {row.flashcore_tflops:.0f} TFLOP/s "
-                      f"(SDPA {row.sdpa_tflops:.0f}, ratio {row.flashcore_tflops / row.sdpa_tflops:.2f})", flush=True)
-        except Exception as exc:  # a config that does not compile or fit is reported, not fatal
-            print(f"sweep prefill {cfg}: failed: {str(exc).splitlines()[0][:200]}", flush=True)
-        finally:
-            prefill_mod._prefill_config = original
-    return results
-
-
-def sweep_decode(configs, shapes=((1, 2048), (1, 32768), (8, 8192))) -> list[dict]:
-    original = decode_mod._decode_config
-    results = []
-    for cfg in configs:
-        decode_mod._decode_config = lambda *a, cfg=cfg: dict(cfg)
-        try:
-            for batch, seq in shapes:
-                sets, kv_bytes = decode_sets(batch, seq)
-                us = graph_us([lambda s=s: decode_attention(s[0], s[1], s[2], s[3]) for s in sets])
-                results.append(dict(cfg, batch=batch, seq=seq, graph_us=us))
-                print(f"sweep decode {cfg} B={batch} S={seq}: {us:.1f} us", flush=True)
-        except Exception as exc:
-            print(f"sweep decode {cfg}: failed: {str(exc).splitlines()[0][:200]}", flush=True)
-        finally:
-            decode_mod._decode_config = original
-    return results
-
-
-PREFILL_SWEEP = [
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=False),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, masked_stages=2, use_tma=False),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1, use_tma=False),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, masked_stages=1, use_tma=False),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1, use_tma=True),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=False, warp_spec=True),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=1, use_tma=True, warp_spec=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, masked_stages=1, use_tma=True, warp_spec=True),
-]
-DECODE_SWEEP = [
-    dict(BLOCK_N=64, num_warps=4, num_stages=3, min_chunk=256, waves=2),
-    dict(BLOCK_N=64, num_warps=4, num_stages=3, min_chunk=128, waves=4),
-    dict(BLOCK_N=128, num_warps=4, num_stages=3, min_chunk=256, waves=2),
-    dict(BLOCK_N=64, num_warps=8, num_stages=3, min_chunk=256, waves=1),
-]
-
-
-def print_table(rows: list[Row]) -> None:
-    print(f"{'op':8} {'B':>2} {'seq':>6} | {'fc us':>8} {'sdpa us':>8} | {'fc graph':>8} {'sdpa graph':>10} "
-          f"{'speedup':>7} {'HBM floor':>9} {'fc/floor':>8} | {'fc host':>7} {'sdpa host':>9} | "
-          f"{'fc TFLOP/s':>10} {'sdpa TFLOP/s':>12}")
+def print_decode(rows: list[dict], names: list[str]) -> None:
+    fmt = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    log("| Hq:Hkv | B | cache | layers | " + " | ".join(f"{n} µs" for n in names)
+        + " | SDPA / flashcore | HBM floor µs | flashcore / floor |")
+    log("|---|---:|---:|---:|" + "---:|" * (len(names) + 3))
     for r in rows:
-        fmt = lambda x, w, p=1: f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"  # noqa: E731
-        ratio = (r.flashcore_graph_us / r.hbm_floor_us) if r.hbm_floor_us else None
-        print(f"{r.op:8} {r.batch:>2} {r.seq:>6} | {fmt(r.flashcore_us, 8)} {fmt(r.sdpa_us, 8)} | "
-              f"{fmt(r.flashcore_graph_us, 8)} {fmt(r.sdpa_graph_us, 10)} {fmt(r.speedup, 7, 2)} "
-              f"{fmt(r.hbm_floor_us, 9)} {fmt(ratio, 8, 2)} | {fmt(r.flashcore_host_us, 7)} "
-              f"{fmt(r.sdpa_host_us, 9)} | {fmt(r.flashcore_tflops, 10, 0)} "
-              f"{fmt(r.sdpa_tflops, 12, 0)}")
+        fc, sd = r.get("flashcore_graph_us"), r.get("sdpa_graph_us")
+        log(f"| {r['hq']}:{r['hkv']} | {r['batch']} | {r['seq']} | {r['layers']} | "
+            + " | ".join(fmt(r.get(f"{n}_graph_us"), 2) for n in names)
+            + f" | {fmt(sd / fc if fc and sd else None, 2)} | {fmt(r['hbm_floor_us'], 2)} | "
+            f"{fmt(fc / r['hbm_floor_us'] if fc else None, 2)} |")
+
+
+def table_source(table) -> str:
+    lines = ["GPU_TABLE: tuple[tuple[int, int, DecodeConfig], ...] = ("]
+    for rows, keys, cfg in table:
+        lines.append(f"    ({rows if rows < 2**62 else '2**62'}, {keys if keys < 2**62 else '2**62'}, {cfg!r}),")
+    return "\n".join(lines + [")"])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--only", choices=["decode", "prefill"], help="time one op only")
-    parser.add_argument("--sweep", action="store_true", help="then time a few launch configurations")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--apply", action="store_true", help="use the tuned table for the rest of the run")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--baseline", help="a directory holding flashcore_before (benchmarks/make_baseline.py)")
+    parser.add_argument("--layer-gib", type=float, default=30.0, help="GPU memory for one shape's caches")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
+    budget = int(args.layer_gib * 2**30)
+    impls = {"flashcore": decode_attention, "sdpa": sdpa_decode}
+    if args.baseline:
+        sys.path.insert(0, args.baseline)
+        impls["before"] = importlib.import_module("flashcore_before.ops").decode_attention
 
     bandwidth = copy_bandwidth()
-    print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
-    rows = []
-    if args.only != "prefill":
-        for batch in (1, 8):
-            for seq in (512, 2048, 8192, 32768):
-                rows.append(bench_decode(batch, seq, bandwidth))
-    if args.only != "decode":
-        for seq in (2048, 8192):
+    log(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(), copy_bandwidth_tb_s=bandwidth / 1e12, head_dim=D, dtype=str(DTYPE))
+
+    def save() -> None:  # after every phase: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(doc, fh, indent=1, default=str)
+
+    if args.tune:
+        doc["tune"], table = tune(budget)
+        doc["table"] = table_rows(table)
+        log(table_source(table))
+        if args.apply:
+            install_table(table)
+    doc["applied_table"] = table_rows(decode_mod.GPU_TABLE)
+    save()
+    if args.sweep:
+        doc["decode"] = []
+        for heads, batch, seq in SWEEP:
+            doc["decode"].append(decode_row(heads, batch, seq, bandwidth, budget, impls))
+            r = doc["decode"][-1]
+            log(f"decode {heads} B={batch} S={seq}: " + ", ".join(
+                f"{n} {r[f'{n}_graph_us']:.2f}" for n in impls if r[f"{n}_graph_us"] is not None))
+        save()
+        doc["host"] = [host_row(b, s, impls) for b, s in HOST_SHAPES]
+        for r in doc["host"]:
+            log(f"host B={r['batch']} S={r['seq']}: " + ", ".join(
+                f"{n} {r[f'{n}_host_us']:.1f} us host / {r[f'{n}_do_bench_us']:.1f} us do_bench" for n in impls))
+        save()
+        doc["prefill"] = []
+        for seq in PREFILL_SEQS:
             try:
-                rows.append(bench_prefill(1, seq))
-            except Exception as exc:  # keep the decode rows and the sweeps if the default prefill fails
-                print(f"prefill S={seq} failed: {str(exc).splitlines()[0][:300]}", flush=True)
-    print_table(rows)
-    sweeps = {}
-    if args.sweep:  # after the table, so that the table is timed on a cool card
-        if args.only != "decode":
-            sweeps["prefill"] = sweep_prefill(PREFILL_SWEEP)
-        if args.only != "prefill":
-            sweeps["decode"] = sweep_decode(DECODE_SWEEP[1:2])
-        print_table(rows)
-    if args.json:
-        doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), copy_bandwidth_tb_s=bandwidth / 1e12,
-                   shapes=dict(hq=HQ, hkv=HKV, head_dim=D, dtype=str(DTYPE)),
-                   rows=[dict(asdict(r), speedup=r.speedup) for r in rows], sweeps=sweeps)
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
+                doc["prefill"].append(prefill_row(seq))
+                log(f"prefill S={seq}: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["prefill"][-1].items()))
+            except Exception as exc:
+                log(f"prefill S={seq}: failed: {str(exc).splitlines()[0][:200]}")
+        save()
+        print_decode(doc["decode"], list(impls))
     return 0
 
 

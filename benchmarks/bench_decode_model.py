@@ -1,12 +1,14 @@
 """Whole-model decode latency: flashcore vs PyTorch SDPA, ms per generated token after a long prompt.
 
     python benchmarks/bench_decode_model.py [--model llama-3.1-8b] [--cache-len 2048] [--steps 64] [--json PATH]
-                                            [--generate-compiled]
+                                            [--compiled] [--generate-compiled] [--decode-table JSON]
 
 Same process, same weights, same prompt: eager decoding over a DynamicCache, and one decode step captured as a
-CUDA graph over a StaticCache (flashcore.parity.latency). --generate-compiled adds HF generate() with a static
-cache, which torch.compiles the decode step itself, for flashcore and for eager attention (SDPA is left out there:
-it takes ~573 ms/token on this path). Needs a CUDA GPU.
+CUDA graph over a StaticCache (flashcore.parity.latency). --compiled adds the same CUDA-graph step with the
+elementwise blocks around attention compiled (flashcore.integrations.compiled: fused RMSNorm, rotary embedding
+and SwiGLU), for flashcore and for SDPA. --generate-compiled adds HF generate() with a static cache, which
+torch.compiles the decode step itself, for flashcore and for eager attention (SDPA is left out there: it takes
+~573 ms/token on this path). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -55,44 +57,64 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compiled", action="store_true", help="also the graphed step with compiled blocks")
     parser.add_argument("--generate-compiled", action="store_true")
+    parser.add_argument("--decode-table", help="a bench_attention.py --tune --json document: use its launch table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode_model: needs a CUDA GPU (the CPU runs the kernels in the Triton interpreter)",
               file=sys.stderr)
         return 2
-    from flashcore.integrations import NAME, register
+    from flashcore.integrations import NAME, register, set_attention
     from flashcore.models import load_model
     from flashcore.parity.latency import measure
     from flashcore.parity.suite import environment
 
+    if args.decode_table:
+        from bench_attention import install_table, load_table
+        install_table(load_table(args.decode_table))
     register()
     model = load_model(args.model, device="cuda").model
     latency = measure(model, NAME, cache_len=args.cache_len, steps=args.steps)
     env = environment(torch.device("cuda"))
     print(f"{args.model} bf16 on {env.device}; torch {env.torch}, triton {env.triton}, "
           f"transformers {env.transformers}; batch 1, {args.steps} tokens after a {args.cache_len}-token prompt")
+    extra = {}
     print(f"{'mode':<12}{'flashcore ms/tok':>18}{'sdpa ms/tok':>14}{'speedup':>10}  note")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for row in latency.rows:
         print(f"{row.mode:<12}{fmt(row.flashcore_ms):>18}{fmt(row.sdpa_ms):>14}{fmt(row.speedup):>10}  {row.note}")
-    extra = {}
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.cache_len), generator=g).to("cuda")
+    if args.compiled:
+        from flashcore.integrations.compiled import with_compiled_blocks
+        from flashcore.parity.latency import time_cuda_graph
+        timer = with_compiled_blocks(time_cuda_graph)
+        for attn in (NAME, "sdpa"):
+            try:
+                start = time.perf_counter()
+                extra[f"cuda_graph_compiled_{attn}"] = timer(set_attention(model, attn), prompt, args.steps).ms_per_token
+                print(f"cuda_graph + compiled blocks {attn:<6} {extra[f'cuda_graph_compiled_{attn}']:.2f} ms/token "
+                      f"({time.perf_counter() - start:.0f} s with compiling)", flush=True)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                extra[f"cuda_graph_compiled_{attn}"] = None
+                print(f"cuda_graph + compiled blocks {attn}: failed: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", flush=True)
+        set_attention(model, NAME)
     if args.generate_compiled:
-        from flashcore.integrations import set_attention
-        g = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, model.config.vocab_size, (1, args.cache_len), generator=g).to("cuda")
         for attn in (NAME, "eager"):
             try:
-                extra[attn] = generate_compiled_ms(set_attention(model, attn), prompt, args.steps)
-                print(f"generate(static cache, auto-compile) {attn:<8} {extra[attn]:.2f} ms/token")
+                extra[f"generate_compiled_{attn}"] = generate_compiled_ms(set_attention(model, attn), prompt, args.steps)
+                print(f"generate(static cache, auto-compile) {attn:<8} {extra[f'generate_compiled_{attn}']:.2f} "
+                      "ms/token")
             except Exception as exc:  # noqa: BLE001 - report and go on
-                extra[attn] = None
+                extra[f"generate_compiled_{attn}"] = None
                 print(f"generate(static cache, auto-compile) {attn:<8} failed: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "environment": asdict(env), "latency": asdict(latency),
-                       "generate_compiled_ms": extra}, f, indent=2)
+                       "extra_ms_per_token": extra}, f, indent=2)
     return 0
 
 

@@ -72,53 +72,42 @@ def use_custom_op() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
-def _arg_class(value):
-    """What triton's launcher specialises an argument on, or finer: dtype and 16-byte alignment of a tensor;
-    for an int whether it is 1, a multiple of 16, and its width (i32 / i64 / u64); other values themselves."""
-    kind = type(value)
-    if kind is int:
-        return (value == 1, value % 16 == 0, -2**31 <= value < 2**31, value >= 2**63)
-    if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
-    if kind is float:
-        return float
-    return value  # None, bool, str
+class CompiledLaunch:
+    """Launch one compiled Triton kernel again with no per-call Python work beyond the C launcher.
 
-
-class LaunchCache:
-    """Launch a Triton kernel again without triton's per-call Python work.
-
-    `kernel[grid](*args)` binds and specialises every argument, reads its knobs and builds a string cache key
-    on each call: on the H100 host that is tens of microseconds per launch, more than a decode kernel runs.
-    The compiled kernel the first call returns is launched directly by later calls whose key matches; the key
-    is the argument classes of _arg_class (constexpr arguments by value) plus the launch options, so a cached
-    kernel is only reused where triton would have picked the same binary. Launches go to the current stream
-    (CUDA-graph capture included). In the interpreter (CPU) nothing is cached.
+    `kernel[grid](*args)` binds and specialises every argument, reads its knobs and builds a string cache key on
+    each call: on the H100 host that costs tens of microseconds, more than a decode kernel runs. The caller keeps
+    one CompiledLaunch per specialisation it owns (the compiled kernel triton's first launch returned, for fixed
+    argument classes) and passes device pointers as ints, which triton's launcher takes as they are. Triton's
+    launch hooks (profilers) are not called on this path. Needs triton's CompiledKernel launch API (checked on
+    3.6); without it, or where the kernel needs scratch memory, it goes through the compiled kernel's own runner.
     """
 
-    def __init__(self, fn, max_entries: int = 256):
-        self.fn = fn
-        self.max_entries = max_entries
-        params = getattr(fn, "params", None)  # None for the interpreter's InterpretedFunction
-        self._constexpr = tuple(p.is_constexpr for p in params) if params is not None else None
-        self._compiled: dict = {}
+    def __init__(self, compiled, grid: tuple):
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.compiled = compiled
+        run = compiled.run  # triton's CudaLauncher (loads the module on first use)
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+        plain = (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 0) == 0
+                 and hasattr(run, "launch"))
+        self._launch = run.launch if plain else None
+        self._flags = (bool(getattr(run, "launch_cooperative_grid", False)), bool(getattr(run, "launch_pdl", False)))
 
-    def key(self, args: tuple, options: tuple) -> tuple:
-        return options + tuple(a if const else _arg_class(a) for a, const in zip(args, self._constexpr))
+    def __call__(self, stream: int, args: tuple) -> None:
+        gx, gy, gz = self.grid
+        if self._launch is not None:
+            self._launch(gx, gy, gz, stream, self.function, *self._flags, None, None, self.metadata, None, None, None,
+                         *args)
+        else:
+            self.compiled[self.grid](*args, stream=stream)
 
-    def __call__(self, grid: tuple, args: tuple, num_warps: int, num_stages: int) -> None:
-        if self._constexpr is None or not args[0].is_cuda:
-            self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
-            return
-        if len(args) != len(self._constexpr):
-            raise TypeError(f"{self.fn.__name__}: {len(args)} arguments for {len(self._constexpr)} parameters")
-        key = self.key(args, (args[0].device.index, num_warps, num_stages))
-        compiled = self._compiled.get(key)
-        if compiled is not None:
-            compiled[grid + (1,) * (3 - len(grid))](*args)  # the compiled kernel's runner wants 3 grid dims
-            return
-        compiled = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages)
-        if compiled is not None and hasattr(compiled, "packed_metadata"):  # a CompiledKernel
-            if len(self._compiled) >= self.max_entries:
-                self._compiled.clear()
-            self._compiled[key] = compiled
+
+def current_stream(device_index: int) -> int:
+    """The raw handle of the current CUDA stream of a device (what triton's launcher takes)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def is_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (a cheap C query; call it with CUDA only)."""
+    return torch._C._cuda_isCurrentStreamCapturing()

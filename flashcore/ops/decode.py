@@ -5,38 +5,93 @@
 
 Only the first kv_lens[b] slots of row b are valid (the new token's key included); slots from kv_lens[b] on may
 hold anything (a static cache) and never reach the result. Keys before kv_start[b] (left padding) are ignored.
+
+One kernel launch per call: the programs of a (row, KV head) each reduce a split of the cache, and the last of them
+to finish (an atomic ticket) merges the splits' partial results and puts the ticket back to 0 for the next launch.
 The grid depends on shapes only and nothing is read back to the host: the op is CUDA-graph capturable, and a
 captured graph stays correct when kv_lens changes between replays.
+
+Host cost: everything that follows from the shapes, strides, dtypes and options of a call (checks, split count,
+launch grid, the kernel's constant arguments, its compiled binary) is computed once and kept in a plan; a repeat
+call builds one key, allocates the output and launches the compiled kernel directly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
-from flashcore.ops._common import (LOG2E, LaunchCache, check_qkv, default_scale, empty_bhsd, split_row_arg,
-                                   use_custom_op)
+from flashcore.ops._common import (LOG2E, CompiledLaunch, check_qkv, current_stream, default_scale, is_capturing,
+                                   split_row_arg, use_custom_op)
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, KVLens, KVStart, kv_start_int, PartOut, PartLse, qk_scale,
-                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                         HKV, S_MAX, CHUNK,
-                         NUM_SPLITS: tl.constexpr,
-                         GROUP: tl.constexpr,        # Hq // Hkv: query heads served by one KV head
-                         BLOCK_H: tl.constexpr,      # GROUP padded to a power of two >= 16 (the tl.dot M dimension)
-                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program = one (batch row, KV head, split of the cache): the flash-decoding partial pass.
+def _merge_partials(Part, Out, lse_offset, b, kvh, HKV, NUM_SPLITS, stride_ob, stride_oh,
+                    GROUP: tl.constexpr, MERGE_H: tl.constexpr, MERGE_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Merge the NUM_SPLITS partials of the GROUP query heads of one (row, KV head) by log-sum-exp:
+    out = sum_s w_s o_s / sum_s w_s, w_s = exp2(lse_s - max_s lse_s), MERGE_S splits at a time (an online max).
+    A head whose splits are all empty (no valid key) outputs exactly 0. Partials are read from L2 (.cg): other
+    programs wrote them."""
+    offs_g = tl.arange(0, MERGE_H)
+    offs_s = tl.arange(0, MERGE_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + offs_g
+    first_row = (b * HKV * GROUP + heads) * NUM_SPLITS  # PartLse rows [B, Hq, NUM_SPLITS]
+    m_i = tl.full([MERGE_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([MERGE_H], dtype=tl.float32)
+    acc = tl.zeros([MERGE_H, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, MERGE_S):
+        splits = s0 + offs_s
+        ok = (offs_g[:, None] < GROUP) & (splits[None, :] < NUM_SPLITS)
+        rows = first_row[:, None] + splits[None, :]
+        lse = tl.load(Part + lse_offset + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(Part + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                       cache_modifier=".cg")
+        m_new = tl.maximum(m_i, tl.max(lse, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_shift[:, None])  # 0 for empty splits
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], 1)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=(offs_g < GROUP)[:, None])
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, KVLens, KVStart, Part, Tickets, Out,
+                   kv_start_int, qk_scale, lse_offset,
+                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_ob, stride_oh, HKV, S_MAX, CHUNK, NUM_SPLITS,
+                   GROUP: tl.constexpr,        # Hq // Hkv: query heads served by one KV head
+                   BLOCK_H: tl.constexpr,      # GROUP padded to a power of two >= 16 (the tl.dot M dimension)
+                   MERGE_H: tl.constexpr,      # GROUP padded to a power of two (the merge's head axis)
+                   MERGE_S: tl.constexpr,      # splits merged per step
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_PDL: tl.constexpr):   # launched with programmatic dependent launch (GPU only)
+    """One program = one (batch row, KV head, split of the cache): the flash-decoding partial pass, then, in the
+    last program of the (row, KV head) to finish, the merge.
 
     All GROUP query heads of the KV head form the rows of one tile, so each K/V block is read once per group
     (GQA-aware). Over its keys j in [split * CHUNK, (split + 1) * CHUNK) within [kv_start, kv_len) the program
     runs the FlashAttention online softmax (running max m, denominator l, accumulator acc; exp2 with
-    sm_scale * log2(e) folded in) and writes the normalised partial output acc / l and its log-sum-exp
-    lse = m + log2(l) (log2 units; -inf for an empty split). Dao et al., "Flash-Decoding for long-context
-    inference", 2023; FlashAttention-2 (Dao, 2023) for the online softmax.
+    sm_scale * log2(e) folded in). With one split it writes the output; otherwise the normalised partial
+    acc / l and its log-sum-exp lse = m + log2(l) (log2 units; -inf for an empty split), then takes a ticket:
+    the program that draws NUM_SPLITS - 1 sees every other partial written (acq_rel atomic after a barrier) and
+    merges them (_merge_partials), then resets the ticket to 0 for the next launch or graph replay.
+    Dao et al., "Flash-Decoding for long-context inference", 2023; FlashAttention-2 (Dao, 2023); the last-block
+    reduction is CUDA's threadFenceReduction pattern.
+    With USE_PDL the launch may begin while the previous kernel on the stream still runs (its launch latency
+    hidden); griddepcontrol.wait, before any memory access, then waits for that kernel to finish and flush.
     """
+    if USE_PDL:
+        gdc_wait()
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bk // HKV).to(tl.int64)  # 64-bit batch offsets: b * stride_b can pass 2**31 for big caches
@@ -55,8 +110,8 @@ def _decode_split_kernel(Q, K, V, KVLens, KVStart, kv_start_int, PartOut, PartLs
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + offs_h  # query heads of this group (rows >= GROUP are padding)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=offs_h[:, None] < GROUP, other=0.0)
+    head_ok = offs_h < GROUP
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=head_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
@@ -81,37 +136,80 @@ def _decode_split_kernel(Q, K, V, KVLens, KVStart, kv_start_int, PartOut, PartLs
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # -- partial result of this split: normalised output and log2-sum-exp (-inf when it saw no key)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-    rows = (b * HKV * GROUP + heads) * NUM_SPLITS + split  # PartLse: [B, Hq, NUM_SPLITS]
-    head_ok = offs_h < GROUP
-    tl.store(PartLse + rows, lse, mask=head_ok)
-    tl.store(PartOut + rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=head_ok[:, None])
+    if NUM_SPLITS == 1:  # the whole cache in one program: its result is the output (0 when it saw no key)
+        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        rows = (b * HKV * GROUP + heads) * NUM_SPLITS + split  # PartLse: [B, Hq, NUM_SPLITS]
+        tl.store(Part + lse_offset + rows, lse, mask=head_ok)
+        tl.store(Part + rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=head_ok[:, None])
+        tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+        ticket = tl.atomic_add(Tickets + pid_bk, 1, sem="acq_rel", scope="gpu")
+        if ticket == NUM_SPLITS - 1:
+            _merge_partials(Part, Out, lse_offset, b, kvh, HKV, NUM_SPLITS, stride_ob, stride_oh,
+                            GROUP, MERGE_H, MERGE_S, HEAD_DIM)
+            tl.store(Tickets + pid_bk, 0)
 
 
-@triton.jit
-def _decode_merge_kernel(PartOut, PartLse, Out, stride_ob, stride_oh, HQ,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program = one (batch row, query head): merge the split partials by log-sum-exp.
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configuration
 
-    out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max_s lse_s) (flash-decoding reduction step).
-    A row whose splits are all empty (no valid key) outputs exactly 0.
-    """
-    pid = tl.program_id(0)
-    b = pid // HQ
-    h = pid % HQ
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(PartLse + pid * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m_shift)  # 0 for empty splits
-    parts = tl.load(PartOut + (pid * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                    mask=offs_s[:, None] < NUM_SPLITS, other=0.0)
-    denom = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Key block, warps and pipeline depth of the kernel, and how the cache is split."""
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    min_chunk: int = 256   # no split shorter than this many keys (each split costs a partial write and a merge)
+    waves: int = 2         # splits aim for this many programs per multiprocessor
+    max_splits: int = 64   # the last program of a (row, KV head) merges them all
+    pdl: bool = False      # programmatic dependent launch (overlaps the launch with the previous kernel's tail)
+
+
+CPU_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=1, min_chunk=64, waves=2)
+# (most rows, most keys, config): the first row with rows = batch * KV heads <= most rows and cache slots <= most
+# keys wins. Picked on the H100 by `benchmarks/bench_attention.py --tune` (2026-11-28; docs/BENCHMARKS.md): per
+# cell the fastest of nine candidates in a 32-layer CUDA graph, the default unless one is >= 3% faster.
+GPU_TABLE: tuple[tuple[int, int, DecodeConfig], ...] = (
+    (16, 4096, DecodeConfig(num_stages=3, min_chunk=128, waves=4, pdl=False)),
+    (16, 16384, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
+    (16, 2**62, DecodeConfig(num_stages=3, min_chunk=256, waves=2, pdl=False)),
+    (128, 4096, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (128, 16384, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (128, 2**62, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (256, 4096, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
+    (256, 16384, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
+    (256, 2**62, DecodeConfig(num_stages=2, min_chunk=512, waves=1, pdl=False)),
+    (2**62, 4096, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (2**62, 16384, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
+    (2**62, 2**62, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=False)),
+)
+
+
+def decode_config(rows: int, s_max: int, on_gpu: bool) -> DecodeConfig:
+    if not on_gpu:
+        return CPU_CONFIG
+    for most_rows, most_keys, cfg in GPU_TABLE:
+        if rows <= most_rows and s_max <= most_keys:
+            return cfg
+    return DecodeConfig()
+
+
+def choose_num_splits(rows: int, s_max: int, sm_count: int, cfg: DecodeConfig) -> int:
+    """Splits of the cache per (row, KV head): enough programs for cfg.waves per multiprocessor (more waves shrink
+    the idle tail of the last one), but no split shorter than cfg.min_chunk keys and at most cfg.max_splits."""
+    want = triton.cdiv(cfg.waves * sm_count, rows)
+    most = max(1, triton.cdiv(s_max, max(cfg.min_chunk, cfg.block_n)))
+    return max(1, min(want, most, cfg.max_splits))
+
+
+def _split_chunk(s_max: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """Chunk length (a multiple of block_n) and the number of non-empty splits it gives."""
+    chunk = triton.cdiv(triton.cdiv(s_max, num_splits), block_n) * block_n
+    return chunk, max(1, triton.cdiv(s_max, chunk))
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -127,70 +225,157 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _decode_config(on_gpu: bool) -> dict:
-    """Key block and launch parameters (fixed: no autotune, so the first call is capturable)."""
-    if not on_gpu:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=1, min_chunk=64, waves=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3, min_chunk=256, waves=2)
+# ---------------------------------------------------------------------------------------------------------------
+# Workspace: the partials and the tickets
 
 
-def choose_num_splits(batch: int, hkv: int, s_max: int, sm_count: int, block_n: int, min_chunk: int,
-                      waves: int = 2) -> int:
-    """Splits of the cache per (row, KV head): enough programs for `waves` programs per multiprocessor (more
-    waves shrink the idle tail of the last one), but no split shorter than min_chunk keys (each split costs a
-    partial write and a merge)."""
-    want = triton.cdiv(waves * sm_count, batch * hkv)
-    most = max(1, triton.cdiv(s_max, max(min_chunk, block_n)))
-    return max(1, min(want, most))
+_ARENA_TICKETS = 1 << 18
+_ARENAS: dict[int, list] = {}  # device index -> [zeroed int32 tickets, next free offset]
+_FULL_ARENAS: list[torch.Tensor] = []  # kept for good: captured graphs point into them
 
 
-def _split_chunk(s_max: int, num_splits: int, block_n: int) -> tuple[int, int]:
-    """Chunk length (a multiple of block_n) and the number of non-empty splits it gives."""
-    chunk = triton.cdiv(triton.cdiv(s_max, num_splits), block_n) * block_n
-    return chunk, max(1, triton.cdiv(s_max, chunk))
+def _reserve_arena(device: torch.device) -> None:
+    """Make sure the device has free captured-call tickets; called outside capture (allocation and memset)."""
+    arena = _ARENAS.get(device.index)
+    if arena is None or arena[1] > _ARENA_TICKETS // 2:
+        if arena is not None:
+            _FULL_ARENAS.append(arena[0])
+        _ARENAS[device.index] = [torch.zeros(_ARENA_TICKETS, dtype=torch.int32, device=device), 0]
+
+
+def _captured_tickets(device: torch.device, count: int) -> torch.Tensor:
+    """Tickets for a call being captured into a CUDA graph: a slice of the device's zeroed arena that this call
+    owns for good (the kernel leaves it at 0 after every replay, and no other graph or stream uses it). Without a
+    free slice: fresh zeros from the graph's pool, i.e. a memset node that runs before the kernel at each replay."""
+    arena = _ARENAS.get(device.index)
+    if arena is None or arena[1] + count > _ARENA_TICKETS:
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    start = arena[1]
+    arena[1] += count
+    return arena[0][start:start + count]
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16  # slices of the arena stay 64-byte aligned
+
+
+class _DecodePlan:
+    """Everything about a decode call that follows from its shapes, strides, dtypes and options: the split
+    count, the launch grid, the kernel's constant arguments, its compiled launches (one per pointer alignment
+    class, what triton specialises on) and, per CUDA stream, an eager workspace (partials + zeroed tickets)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_kv_start: bool, kv_start_int: int,
+                 sm_scale: float, num_splits: int):
+        batch, hq, _, d = q.shape
+        hkv, s_max = k.shape[1], k.shape[2]
+        for t in (q, k, v):
+            if t.stride(3) != 1:
+                raise ValueError("decode_attention: the head_dim axis of q and the caches must have stride 1")
+        self.device, self.dtype, self.on_gpu = q.device, q.dtype, q.is_cuda
+        self.out_shape, self.out_stride = (batch, hq, 1, d), (hq * d, d, hq * d, 1)  # [B, 1, Hq, D] memory
+        self.empty = batch * hq * d == 0
+        rows = batch * hkv
+        self.cfg = decode_config(rows, s_max, self.on_gpu)
+        if num_splits <= 0:
+            num_splits = choose_num_splits(rows, s_max, _sm_count(q.device), self.cfg)
+        chunk, self.num_splits = _split_chunk(s_max, num_splits, self.cfg.block_n)
+        part_rows = batch * hq * self.num_splits
+        self.n_part = part_rows * (d + 1) if self.num_splits > 1 else 1
+        self.n_tickets = _round16(rows) if self.num_splits > 1 else 16
+        group = hq // hkv
+        merge_h = triton.next_power_of_2(group)
+        self.grid = (rows, self.num_splits)
+        self.consts = (
+            kv_start_int, sm_scale * LOG2E, part_rows * d,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            hq * d, d, hkv, s_max, chunk, self.num_splits,
+            group, max(16, triton.next_power_of_2(group)), merge_h,
+            max(1, min(triton.next_power_of_2(self.num_splits), 64 // merge_h)),
+            d, self.cfg.block_n, has_kv_start, "ieee" if q.dtype == torch.float32 else "tf32", self.cfg.pdl,
+        )
+        self.options = dict(num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+        if self.cfg.pdl:
+            self.options["launch_pdl"] = True
+        self.launches: dict[tuple, CompiledLaunch] = {}
+        self.eager: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def workspace(self, stream: int, capturing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partials fp32, tickets int32). Eager calls on one stream run in order, so they share one workspace;
+        a call captured into a CUDA graph gets partials from the graph's pool and tickets of its own."""
+        if capturing:
+            part = torch.empty(self.n_part, dtype=torch.float32, device=self.device)
+            return part, _captured_tickets(self.device, self.n_tickets)
+        ws = self.eager.get(stream)
+        if ws is None:
+            ws = (torch.empty(self.n_part, dtype=torch.float32, device=self.device),
+                  torch.zeros(self.n_tickets, dtype=torch.int32, device=self.device))
+            self.eager[stream] = ws
+            if self.on_gpu:
+                _reserve_arena(self.device)
+        return ws
+
+    def __call__(self, q, k, v, kv_lens: torch.Tensor, kv_start: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.dtype, device=self.device)
+        if self.empty:
+            return out
+        if kv_start is None:
+            kv_start = kv_lens  # never read (HAS_KV_START is off): any valid pointer
+        if not self.on_gpu:
+            self._compile(q, k, v, kv_lens, kv_start, self.workspace(0, False), out)
+            return out
+        stream = current_stream(self.device.index)
+        part, tickets = self.workspace(stream, is_capturing())
+        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_lens.data_ptr(), kv_start.data_ptr())
+        align = tuple(p % 16 == 0 for p in ptrs)  # what triton specialises a pointer on
+        launch = self.launches.get(align)
+        if launch is None:
+            compiled = self._compile(q, k, v, kv_lens, kv_start, (part, tickets), out)
+            if hasattr(compiled, "packed_metadata"):
+                self.launches[align] = CompiledLaunch(compiled, self.grid)
+            return out
+        launch(stream, ptrs + (part.data_ptr(), tickets.data_ptr(), out.data_ptr()) + self.consts)
+        return out
+
+    def _compile(self, q, k, v, kv_lens, kv_start, workspace, out):
+        """A launch through triton's JIT (compiles on first use; the CPU interpreter always goes this way)."""
+        return _decode_kernel[self.grid](q, k, v, kv_lens, kv_start, *workspace, out, *self.consts, **self.options)
+
+
+_PLANS: dict[tuple, _DecodePlan] = {}
+_MAX_PLANS = 1024
+
+
+def _plan(key: tuple | None, build) -> _DecodePlan:
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = build()
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _row_key(value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.stride(), value.dtype, value.get_device())
+    return (type(value), value)
+
+
+def _call_key(q, k, v, kv_lens, kv_start, sm_scale, num_splits) -> tuple:
+    """What a plan depends on (and what decode_attention's checks look at), read off the arguments cheaply."""
+    return (q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
+            v.shape, v.stride(), v.dtype, v.get_device(), _row_key(kv_lens), _row_key(kv_start), sm_scale, num_splits)
 
 
 def _decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
                    kv_start: torch.Tensor | None, kv_start_int: int, sm_scale: float, num_splits: int) -> torch.Tensor:
-    # q: [B, Hq, 1, D]  k_cache, v_cache: [B, Hkv, S_max, D]  kv_lens: [B]  (checked by decode_attention)
-    batch, hq, _, d = q.shape
-    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
-    out = empty_bhsd(batch, hq, 1, d, q)
-    if out.numel() == 0:
-        return out
-    for t in (q, k_cache, v_cache):
-        if t.stride(3) != 1:
-            raise ValueError("decode_attention: the head_dim axis of q and the caches must have stride 1")
-    cfg = _decode_config(q.is_cuda)
-    group = hq // hkv
-    if num_splits <= 0:
-        num_splits = choose_num_splits(batch, hkv, s_max, _sm_count(q.device), cfg["BLOCK_N"], cfg["min_chunk"],
-                                       cfg["waves"])
-    chunk, num_splits = _split_chunk(s_max, num_splits, cfg["BLOCK_N"])
-    # -- one fp32 buffer for the partials: outputs [B, Hq, splits, D], then log-sum-exps [B, Hq, splits]
-    rows = batch * hq * num_splits
-    part = torch.empty(rows * (d + 1), dtype=torch.float32, device=q.device)
-    part_lse = part[rows * d:]
-    _split_launch((batch * hkv, num_splits), (
-        q, k_cache, v_cache, kv_lens, kv_start if kv_start is not None else kv_lens, kv_start_int,
-        part, part_lse, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        hkv, s_max, chunk,
-        num_splits, group, max(16, triton.next_power_of_2(group)), d, cfg["BLOCK_N"], kv_start is not None,
-        "ieee" if q.dtype == torch.float32 else "tf32",
-    ), cfg["num_warps"], cfg["num_stages"])
-    _merge_launch((batch * hq,), (
-        part, part_lse, out, out.stride(0), out.stride(1), hq,
-        num_splits, max(2, triton.next_power_of_2(num_splits)), d,
-    ), 4, 3)
-    return out
-
-
-# Positional launches through LaunchCache (argument order = the kernels' signatures): an eager decode call
-# would otherwise spend more host time in triton's launcher than the GPU spends on the kernels.
-_split_launch = LaunchCache(_decode_split_kernel)
-_merge_launch = LaunchCache(_decode_merge_kernel)
+    # q: [B, Hq, 1, D]  k_cache, v_cache: [B, Hkv, S_max, D]  kv_lens: [B] contiguous  (checked by decode_attention)
+    key = ("op",) + _call_key(q, k_cache, v_cache, kv_lens, kv_start if kv_start is not None else kv_start_int,
+                              sm_scale, num_splits)
+    plan = _plan(key, lambda: _DecodePlan(q, k_cache, v_cache, kv_start is not None, kv_start_int, sm_scale,
+                                          num_splits))
+    return plan(q, k_cache, v_cache, kv_lens, kv_start)
 
 
 _decode_op = torch.library.custom_op("flashcore::decode_attention", mutates_args=())(_decode_launch)
@@ -199,23 +384,49 @@ _decode_op = torch.library.custom_op("flashcore::decode_attention", mutates_args
 @_decode_op.register_fake
 def _decode_fake(q, k_cache, v_cache, kv_lens, kv_start, kv_start_int, sm_scale, num_splits):
     batch, hq, _, d = q.shape
-    return empty_bhsd(batch, hq, 1, d, q)
+    return q.new_empty(batch, 1, hq, d).transpose(1, 2)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, *,
-                     kv_start=None, sm_scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """One query token per row, q [B, Hq, 1, D], against caches [B, Hkv, S_max, D] whose first kv_lens[b]
-    slots are valid; returns [B, Hq, 1, D] in q.dtype. num_splits=None picks a split count from the shapes."""
+def _row_tensor(what: str, value, batch: int, default: int, device) -> tuple[torch.Tensor | None, int]:
+    tensor, fallback = split_row_arg("decode_attention", what, value, batch, default, device)
+    if tensor is not None and tensor.stride(0) != 1:
+        tensor = tensor.contiguous()  # the kernel reads row b at offset b
+    return tensor, fallback
+
+
+def _checked(q, k_cache, v_cache, kv_lens, kv_start, num_splits) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """decode_attention's argument checks (ValueError); returns (kv_lens [B], kv_start [B] or None, kv_start int)."""
     check_qkv("decode_attention", q, k_cache, v_cache)
     batch = q.shape[0]
     if q.shape[2] != 1:
         raise ValueError(f"decode_attention: q must hold one token per row [B, Hq, 1, D], got {tuple(q.shape)}")
     if not isinstance(kv_lens, torch.Tensor):
         raise ValueError(f"decode_attention: kv_lens must be an integer tensor [B] on q's device, got {type(kv_lens)}")
-    lens_t, _ = split_row_arg("decode_attention", "kv_lens", kv_lens, batch, 0, q.device)
-    start_t, start_i = split_row_arg("decode_attention", "kv_start", kv_start, batch, 0, q.device)
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+    lens_t, _ = _row_tensor("kv_lens", kv_lens, batch, 0, q.device)
+    start_t, start_i = _row_tensor("kv_start", kv_start, batch, 0, q.device)
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"decode_attention: num_splits must be a positive int or None, got {num_splits!r}")
-    launch = _decode_op if use_custom_op() else _decode_launch
-    return launch(q, k_cache, v_cache, lens_t, start_t, start_i, default_scale(sm_scale, q.shape[3]),
-                  num_splits or 0)
+    return lens_t, start_t, start_i
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, *,
+                     kv_start=None, sm_scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One query token per row, q [B, Hq, 1, D], against caches [B, Hkv, S_max, D] whose first kv_lens[b]
+    slots are valid; returns [B, Hq, 1, D] in q.dtype. num_splits=None picks a split count from the shapes."""
+    if use_custom_op():  # torch.compile tracing, fake tensors: through the registered op
+        lens_t, start_t, start_i = _checked(q, k_cache, v_cache, kv_lens, kv_start, num_splits)
+        return _decode_op(q, k_cache, v_cache, lens_t, start_t, start_i, default_scale(sm_scale, q.shape[3]),
+                          num_splits or 0)
+    try:
+        key = _call_key(q, k_cache, v_cache, kv_lens, kv_start, sm_scale, num_splits)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors, unhashable options: the checks say what is wrong
+        key, plan = None, None
+    if plan is not None:  # the same shapes, strides, dtypes, devices and options passed the checks before
+        return plan(q, k_cache, v_cache, kv_lens, kv_start if isinstance(kv_start, torch.Tensor) else None)
+    lens_t, start_t, start_i = _checked(q, k_cache, v_cache, kv_lens, kv_start, num_splits)
+    if not kv_lens.is_contiguous() or (start_t is not None and not kv_start.is_contiguous()):
+        key = None  # copied row tensors: checked (and copied) again on every call
+    plan = _plan(key, lambda: _DecodePlan(q, k_cache, v_cache, start_t is not None, start_i,
+                                          default_scale(sm_scale, q.shape[3]), num_splits or 0))
+    return plan(q, k_cache, v_cache, lens_t, start_t)

@@ -7,7 +7,8 @@ import torch
 
 from _attn_helpers import assert_close_to_reference, qkv, randn, sdpa_same_dtype
 from flashcore.ops import decode_attention
-from flashcore.ops.decode import choose_num_splits
+from flashcore.ops import decode as decode_mod
+from flashcore.ops.decode import DecodeConfig, choose_num_splits
 from flashcore.reference import decode_reference
 
 DTYPES = [torch.float16, torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -89,7 +90,7 @@ def test_strided_inputs(dtype, device):
 
 
 def test_repeated_calls_follow_new_tensors_and_alignment(device):
-    # The same shapes again (on CUDA: a launch from the LaunchCache) with new data, new lengths, and caches whose
+    # The same shapes again (on CUDA: the cached plan's direct launch) with new data, new lengths, and caches whose
     # base is 16-byte aligned, then not (a different kernel specialisation): every call equals the reference.
     batch, hq, hkv, s_max, d = 2, 8, 2, 96, 64
     numel = batch * hkv * s_max * d
@@ -103,15 +104,45 @@ def test_repeated_calls_follow_new_tensors_and_alignment(device):
         _check(q, k, v, torch.tensor(lens, device=device, dtype=torch.int32))
 
 
-def test_launch_cache_key_separates_specialisations():
-    from flashcore.ops._common import _arg_class
+def test_plan_is_reused_and_bad_inputs_still_fail(device):
+    # A repeat call takes the cached plan (no checks run); anything the checks look at makes a different key.
+    q, k, v = qkv(2, 8, 2, 1, 96, 64, dtype=torch.float32, device=device, seed=41)
+    kv_lens = torch.tensor([96, 5], device=device, dtype=torch.int32)
+    decode_mod._PLANS.clear()
+    for _ in range(3):
+        _check(q, k, v, kv_lens)
+    assert len(decode_mod._PLANS) == 1
+    with pytest.raises(ValueError, match="integer tensor"):
+        decode_attention(q, k, v, 96)
+    with pytest.raises(ValueError, match="one entry per batch row"):
+        decode_attention(q, k, v, kv_lens[:1])
+    with pytest.raises(ValueError, match="share a dtype"):
+        decode_attention(q, k.half(), v, kv_lens)
+    _check(q, k, v, kv_lens.long())  # another dtype of kv_lens: a second plan
+    assert len(decode_mod._PLANS) == 2
 
-    buf = torch.zeros(64)
-    assert _arg_class(buf) != _arg_class(buf[1:])      # 16-byte aligned base vs not
-    assert _arg_class(buf) == _arg_class(buf[4:])
-    assert _arg_class(buf) != _arg_class(buf.half())   # dtype
-    assert _arg_class(32) == _arg_class(4096) != _arg_class(33)
-    assert _arg_class(1) != _arg_class(3) and _arg_class(2**31) != _arg_class(2**31 - 16)
+
+def test_tickets_are_back_to_zero_after_each_call(device):
+    # The last program of each (row, KV head) puts its ticket back: the next launch (or graph replay) starts at 0.
+    q, k, v = qkv(3, 8, 2, 1, 300, 64, dtype=torch.float16, device=device, seed=43)
+    kv_lens = torch.tensor([300, 1, 170], device=device, dtype=torch.int32)
+    decode_mod._PLANS.clear()
+    first = decode_attention(q, k, v, kv_lens, num_splits=5)
+    for _ in range(2):  # the merge order is fixed (split 0 first), whichever program merges: same bits
+        assert torch.equal(decode_attention(q, k, v, kv_lens, num_splits=5), first)
+    (plan,) = decode_mod._PLANS.values()
+    assert plan.num_splits == 5 and plan.eager
+    assert all(int(tickets.count_nonzero()) == 0 for _, tickets in plan.eager.values())
+
+
+@pytest.mark.parametrize("hq, hkv, s_max, num_splits", [(8, 1, 1100, 17), (2, 2, 4200, 70), (8, 2, 1400, 40)],
+                         ids=["group8", "mha", "group4"])
+def test_merge_over_many_splits(hq, hkv, s_max, num_splits, device):
+    # More splits than one merge step takes (64 // group padded; 9-66 splits here, on CPU and GPU block sizes): the
+    # merge's online max runs over several steps; a short row leaves most of its splits empty.
+    q, k, v = qkv(2, hq, hkv, 1, s_max, 64, dtype=torch.float32, device=device, seed=s_max)
+    kv_lens = torch.tensor([s_max, 40], device=device)
+    _check(q, k, v, kv_lens, num_splits=num_splits)
 
 
 def test_sm_scale_and_int_kv_start(device):
@@ -133,11 +164,25 @@ def test_bad_inputs_raise_value_error():
 
 
 def test_choose_num_splits_fills_the_gpu():
-    # B=1, 8 KV heads, 132 SMs: enough splits for ~2 waves, but no split under 256 keys.
-    assert choose_num_splits(1, 8, 32768, 132, 64, 256) == 33
-    assert choose_num_splits(1, 8, 2048, 132, 64, 256) == 8
-    assert choose_num_splits(8, 8, 8192, 132, 64, 256) == 5
-    assert choose_num_splits(64, 8, 512, 132, 64, 256) == 1
+    # 132 SMs: enough splits for ~2 waves, but no split under 256 keys and at most 64 splits.
+    cfg = DecodeConfig(block_n=64, min_chunk=256, waves=2, max_splits=64)
+    assert choose_num_splits(8, 32768, 132, cfg) == 33        # B=1, 8 KV heads
+    assert choose_num_splits(8, 2048, 132, cfg) == 8
+    assert choose_num_splits(64, 8192, 132, cfg) == 5         # B=8
+    assert choose_num_splits(512, 512, 132, cfg) == 1         # B=64
+    assert choose_num_splits(1, 131072, 132, cfg) == 64       # capped
+
+
+def test_launch_table_covers_every_shape():
+    # The first matching row wins and the last row matches everything; cells grow along both axes.
+    table = decode_mod.GPU_TABLE
+    assert table[-1][:2] == (2**62, 2**62)
+    for rows in (1, 8, 16, 17, 64, 129, 256, 257, 4096):
+        for keys in (1, 512, 4096, 4097, 16384, 16385, 131072):
+            cfg = decode_mod.decode_config(rows, keys, on_gpu=True)
+            first = next(c for r, k, c in table if rows <= r and keys <= k)
+            assert cfg is first and cfg.block_n % 16 == 0 and cfg.min_chunk >= cfg.block_n
+    assert decode_mod.decode_config(8, 2048, on_gpu=False) is decode_mod.CPU_CONFIG
 
 
 def test_torch_compile_fullgraph(device):
@@ -163,24 +208,64 @@ def test_llama_shape_bf16(batch, s_max, device):
     _check(q, kp, vp, kv_lens, clean=(k, v))
 
 
-@pytest.mark.gpu
-def test_cuda_graph_replay_follows_kv_lens(device):
-    # Capture once, change kv_lens (and q) in place between replays: each replay must equal the reference.
-    batch, hq, hkv, s_max, d = 2, 32, 8, 4096, 128
-    q, k, v = qkv(batch, hq, hkv, 1, s_max, d, dtype=torch.bfloat16, device=device, seed=37)
-    kv_lens = torch.tensor([1000, 20], device=device, dtype=torch.int32)
-    decode_attention(q, k, v, kv_lens)  # compile outside the capture
-    torch.cuda.synchronize()
+def _capture(calls) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, k, v, kv_lens)
-    for step, lens in enumerate([[1000, 20], [1001, 21], [4096, 1], [7, 3000]]):
-        kv_lens.copy_(torch.tensor(lens, device=device))
-        q.copy_(randn(batch, hq, 1, d, dtype=q.dtype, device=device, seed=100 + step))
-        graph.replay()
+        outs = [call() for call in calls]
+    return graph, outs
+
+
+def _check_layers(layers, outs, kv_lens):
+    for (q, k, v), out in zip(layers, outs):
         ref = decode_reference(q, k, v, kv_lens)
-        sdpa = sdpa_same_dtype(q, k, v, causal=False, kv_end=kv_lens)
-        assert_close_to_reference(out, ref, sdpa)
+        assert_close_to_reference(out, ref, sdpa_same_dtype(q, k, v, causal=False, kv_end=kv_lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arena, cfg", [(True, DecodeConfig()), (False, DecodeConfig()),
+                                        (True, DecodeConfig(pdl=True, num_stages=2))],
+                         ids=["ticket-arena", "memset-node", "pdl"])
+def test_cuda_graph_replay_follows_kv_lens(arena, cfg, device, monkeypatch):
+    # One graph holding 8 layers (separate caches, one kv_lens, as a model step), captured once; kv_lens and q
+    # change in place between replays, eager calls on the same shapes run in between, and a second graph over
+    # the same caches is replayed alternately: every output equals the reference each time (the tickets of each
+    # captured call are its own and back at 0 after each replay). arena=False: the captured calls find no free
+    # arena tickets and take zeros from the graph pool (a memset node per call). pdl: launched with programmatic
+    # dependent launch (each kernel waits for the previous one before touching memory).
+    monkeypatch.setattr(decode_mod, "GPU_TABLE", ((2**62, 2**62, cfg),))
+    monkeypatch.setattr(decode_mod, "_PLANS", {})  # plans of this configuration only, dropped after the test
+    batch, hq, hkv, s_max, d = 2, 32, 8, 4096, 128
+    layers = [qkv(batch, hq, hkv, 1, s_max, d, dtype=torch.bfloat16, device=device, seed=37 + 3 * i)
+              for i in range(8)]
+    kv_lens = torch.tensor([1000, 20], device=device, dtype=torch.int32)
+    for q, k, v in layers:
+        decode_attention(q, k, v, kv_lens)  # compile outside the capture
+    torch.cuda.synchronize()
+    if not arena:  # retire the arenas (kept alive, as for any graph that may point into them)
+        decode_mod._FULL_ARENAS.extend(a[0] for a in decode_mod._ARENAS.values())
+        decode_mod._ARENAS.clear()
+    graph, outs = _capture([lambda t=t: decode_attention(*t, kv_lens) for t in layers])
+    graph2, outs2 = _capture([lambda t=t: decode_attention(*t, kv_lens) for t in layers[::-1]])
+    for step, lens in enumerate([[1000, 20], [1001, 21], [4096, 1], [7, 3000], [0, 4096], [64, 65]]):
+        kv_lens.copy_(torch.tensor(lens, device=device))
+        for q, _, _ in layers:
+            q.copy_(randn(batch, hq, 1, d, dtype=q.dtype, device=device, seed=100 + step))
+        graph.replay()
+        eager = [decode_attention(*t, kv_lens) for t in layers[:2]]
+        graph2.replay()
+        _check_layers(layers, outs, kv_lens)
+        _check_layers(layers[::-1], outs2, kv_lens)
+        _check_layers(layers[:2], eager, kv_lens)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, hq, hkv, s_max", [(4, 64, 8, 8192), (2, 32, 32, 2048), (64, 32, 8, 512)],
+                         ids=["gqa8to1", "mha", "batch64"])
+def test_sweep_head_layouts_bf16(batch, hq, hkv, s_max, device):
+    q, k, v = qkv(batch, hq, hkv, 1, s_max, 128, dtype=torch.bfloat16, device=device, seed=hq + hkv)
+    kv_lens = torch.randint(1, s_max + 1, (batch,), generator=torch.Generator().manual_seed(5)).to(device)
+    kp, vp = _poison_after(k, v, kv_lens)
+    _check(q, kp, vp, kv_lens, clean=(k, v))
 
 
 def test_registered_op_and_fake_tensor(device):
