@@ -35,15 +35,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline import commands
-from pipeline.errors import StepError
+from pipeline import commands, parse
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARITY, EXIT_STEP, StepError
 from pipeline.inventory import DEFAULT_MODEL
+from pipeline.results import GpuInfo, HostRunResult, StepResult
 
 q = shlex.quote
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "slurm" / "validate.sbatch.j2"
@@ -361,7 +363,7 @@ class TaskRecord:
     exit_code: int | None = None     # the suite's, from facts.json; else Slurm's
     signal: int | None = None
     ran: bool = False                # the task started on a node
-    started_at: str = ""
+    started_at: str = ""             # UTC from facts.json when the task wrote it, else squeue's (local time)
     ended_at: str = ""
     task_dir: str = ""
     parity_json: str = ""            # path on the shared filesystem; '' when the task wrote none
@@ -400,9 +402,17 @@ def task_records(tasks: int, job_dir: str, statuses: Mapping[int, TaskStatus], f
             gpu_name=str(fa.get("gpu_name", "")), cuda_visible_devices=str(fa.get("cuda_visible_devices", "")),
             exit_code=code, signal=(st.signal or None) if st else None,
             ran=bool(fa) or bool(st and st.node),
-            started_at=st.started_at if st and (fa or st.node) else "", ended_at=st.ended_at if st else "",
+            started_at=_utc(fa.get("started")) or (st.started_at if st and st.node else ""),
+            ended_at=_utc(fa.get("ended")) or (st.ended_at if st and st.ended else ""),
             task_dir=f"{job_dir}/{tid}", parity_json=f"{job_dir}/{tid}/parity.json" if fa.get("parity_json") else ""))
     return records
+
+
+def _utc(epoch: Any) -> str:
+    """facts.json's epoch seconds -> ISO 8601 UTC (squeue's times are the cluster's local time, zone unnamed)."""
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return ""
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
 
 
 # ---------------------------------------------------------------------------------------------- executor
@@ -429,10 +439,6 @@ class ArrayRun:
     @property
     def passed(self) -> list[TaskRecord]:
         return [r for r in self.records if r.ok]
-
-    @property
-    def not_ok(self) -> list[TaskRecord]:
-        return [r for r in self.records if not r.ok]
 
     def summary(self) -> str:
         states = Counter(r.state for r in self.records)
@@ -550,14 +556,18 @@ def collect(runner: Runner, run: ArrayRun, statuses: Mapping[int, TaskStatus],
 
 
 def run_array(runner: Runner, cfg: SlurmConfig, script: str, *, cancel_event: threading.Event | None = None,
+              on_submit: Callable[[ArrayRun], None] | None = None,
               on_progress: Callable[[Progress], None] | None = None,
               clock: Callable[[], float] = time.monotonic) -> ArrayRun:
     """Submit the array, wait for it (bounded), cancel it when the wall limit, the cancel event or Ctrl-C comes
-    first, and collect one record per task. Raises SlurmError only when nothing was submitted or Slurm stays
-    unreachable (then the job is cancelled first, best effort)."""
+    first, and collect one record per task. Raises SlurmError when nothing was submitted or squeue keeps failing,
+    and the runner's own error when the connection drops (both after a best-effort scancel; `on_submit` has told
+    the caller the job id, to cancel it over a fresh connection)."""
     t0 = clock()
     run = submit(runner, cfg, script)
     run.submit_s = round(clock() - t0, 3)
+    if on_submit:
+        on_submit(run)
     w = _Watch()
     try:
         run.ended_by = _wait(runner, cfg, run, w, t0, cancel_event, on_progress, clock)
@@ -627,3 +637,57 @@ def local_records(records: list[TaskRecord], run: ArrayRun, local_dir: Path) -> 
     return [replace(r, task_dir=str(local_dir / str(r.task_id)),
                     parity_json=str(local_dir / str(r.task_id) / "parity.json") if r.parity_json else "")
             for r in records]
+
+
+# ------------------------------------------------------------------------------------- per-GPU reports
+
+
+def task_verdict(rec: TaskRecord, parity_passed: bool | None, ended_by: str) -> tuple[str, int]:
+    """The verdict line and exit code of one task's report, in the SSH runs' words, with Slurm's state and reason
+    where the task did not end with results."""
+    why = f" ({rec.reason})" if rec.reason else ""
+    if not rec.ran:
+        return f"NOT RUN: {rec.state_at_cancel or rec.state}{why}", EXIT_STEP
+    if parity_passed is True and rec.state == "COMPLETED" and rec.exit_code == 0:
+        return "PASSED", EXIT_OK
+    if parity_passed is False:
+        return "FAILED: parity", EXIT_PARITY
+    if rec.state_at_cancel and ended_by == "interrupted":
+        return "INTERRUPTED", EXIT_INTERRUPTED
+    return f"ERROR: {rec.state}{why}", EXIT_STEP
+
+
+def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict | None = None) -> HostRunResult:
+    """One task as the HostRunResult an SSH run produces (schema flashcore.report/1), so report.write_report and
+    the fleet summary take it as they are: host = the node, one GpuInfo (CUDA_VISIBLE_DEVICES' index, UUID, name)
+    or none for CPU tasks, the suite's parity document, and one `suite` step that says what Slurm said."""
+    passed, summary = parse.parity_summary(parity)
+    verdict, code = task_verdict(rec, passed, run.ended_by)
+    index = int(rec.cuda_visible_devices) if rec.cuda_visible_devices.isdigit() else 0
+    gpus = [GpuInfo(index=index, name=rec.gpu_name, uuid=rec.gpu_uuid)] if cfg.uses_gpu and rec.ran else []
+    detail = f"Slurm job {run.job_id}_{rec.task_id}: {rec.describe()}" + (f"; {summary}" if parity else "")
+    step = StepResult("suite", "ok" if code == EXIT_OK else "failed", detail=detail, command=run.script_path)
+    notes = [f"Validated by Slurm: array task {rec.task_id} of job {run.job_id} ({run.tasks} tasks, ended: "
+             f"{run.ended_by}); its files: {rec.task_dir}."]
+    if rec.cuda_visible_devices:
+        notes.append(f"CUDA_VISIBLE_DEVICES={rec.cuda_visible_devices}")
+    return HostRunResult(
+        host=rec.node or f"{cfg.job_name}[{rec.task_id}]", address=cfg.login or "localhost", port=0, user="",
+        local=cfg.login is None, model=cfg.suite_model, device=("cuda" if cfg.uses_gpu else "cpu") if rec.ran else "",
+        require_gpu=cfg.gpu, workspace=cfg.workspace, started_at=rec.started_at, finished_at=rec.ended_at,
+        steps=[step], gpus=gpus, parity=parity, verdict=verdict, exit_code=code,
+        error="" if code == EXIT_OK else rec.describe(), notes=notes)
+
+
+def host_results(run: ArrayRun, cfg: SlurmConfig, records: list[TaskRecord] | None = None) -> list[HostRunResult]:
+    """Every task's HostRunResult; `records`: the fetched copies (local_records) whose parity.json are read."""
+    out = []
+    for rec in records or run.records:
+        doc = None
+        if rec.parity_json and Path(rec.parity_json).is_file():
+            try:
+                doc = json.loads(Path(rec.parity_json).read_text())
+            except ValueError:
+                doc = None
+        out.append(host_result(rec, run, cfg, doc))
+    return out

@@ -145,3 +145,30 @@ def test_submit_command_holds_until_the_folder_exists():
     assert slurm.squeue_command(c, 7).endswith(
         "squeue --jobs=7 --array --states=all --noheader "
         "--Format='ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,NodeList:|,exit_code:|,StartTime:|,EndTime:|'")
+
+
+def test_task_reports_speak_like_ssh_runs(tmp_path):
+    """Each task -> the HostRunResult an SSH run makes: the verdict in the same words, Slurm's state and reason
+    where no results came, rendered by the same report template."""
+    from pipeline import report
+
+    statuses = slurm.parse_squeue((FIX / "squeue-array-mixed.txt").read_text(), 6)
+    facts = slurm.parse_facts((FIX / "facts.jsonl").read_text())
+    facts[0] = {**facts[0], "parity_json": True, "cuda_visible_devices": "3", "gpu_uuid": "GPU-0d1e",
+                "gpu_name": "NVIDIA H100 80GB HBM3"}
+    records = slurm.task_records(6, str(tmp_path), statuses, facts)
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "parity.json").write_text((FIX.parent / "parity" / "pass_cpu_tiny.json").read_text())
+    run = slurm.ArrayRun(6, "", 6, str(tmp_path), str(tmp_path / "validate.sbatch"), ended_by="wall limit",
+                         records=records)
+    results = slurm.host_results(run, cfg(login="login1", gpus=6))
+    verdicts = [(r.host, r.verdict, r.exit_code) for r in results]
+    assert verdicts[0] == ("vm", "PASSED", 0)
+    assert verdicts[1] == ("vm", "ERROR: FAILED (NonZeroExitCode)", 5)
+    assert verdicts[2] == ("vm", "ERROR: CANCELLED", 5)
+    assert verdicts[5] == ("flashcore-validate[5]", "NOT RUN: PENDING (Resources)", 5)
+    assert [(g.index, g.uuid, g.name) for g in results[0].gpus] == [(3, "GPU-0d1e", "NVIDIA H100 80GB HBM3")]
+    assert results[0].started_at == "2026-11-28T01:50:31+00:00" and results[5].gpus == []
+    md = report.render_markdown(results[5])
+    assert "NOT RUN: PENDING (Resources)" in md and "task 5: never ran: PENDING (Resources)" in md
+    assert slurm.task_verdict(records[0], False, "finished") == ("FAILED: parity", 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import slurm
+from pipeline import report, slurm
 from pipeline.remote import LocalRemote
 from tests.slurm.cluster import Cluster
 
@@ -71,10 +71,15 @@ def test_array_runs_the_tiny_suite_on_the_cpu(idle, code_workspace, tmp_path):
     script = Path(run.script_path).read_text()
     assert "--array=0-1" in script and "--parity-model tiny" in script and "--parity-device cpu" in script
     local = slurm.fetch_results(LocalRemote(), run, tmp_path)
-    for r in slurm.local_records(run.records, run, local):
-        report = ParityReport.from_dict(json.loads(Path(r.parity_json).read_text()))
-        assert report.passed and report.model.preset == "tiny" and report.environment.device == "cpu"
+    fetched = slurm.local_records(run.records, run, local)
+    for r in fetched:
+        doc = ParityReport.from_dict(json.loads(Path(r.parity_json).read_text()))
+        assert doc.passed and doc.model.preset == "tiny" and doc.environment.device == "cpu"
         assert (Path(r.task_dir) / "junit.xml").is_file()
+    results = slurm.host_results(run, cfg, fetched)   # what the per-GPU reports and the fleet summary take
+    assert [(r.host, r.verdict, r.device) for r in results] == [(idle.node, "PASSED", "cpu")] * 2
+    md = Path(report.write_report(results[1], tmp_path / "reports", "task1")["md"]).read_text()
+    assert f"{idle.node}: PASSED" in md and f"Slurm job {run.job_id}_1" in md
 
 
 def test_gpu_tasks_get_their_own_gres_and_a_failing_task_is_named(idle, workspace):
@@ -98,15 +103,17 @@ def test_a_task_cancelled_mid_run(idle, workspace):
     completes; the array's end is still `finished`."""
     cfg = config(idle, workspace)
     cmd = '[ "$SLURM_ARRAY_TASK_ID" = 0 ] && { sleep 3; exit 0; }; ' + SLEEPER
+    submitted: list[slurm.ArrayRun] = []
     cancelled: list[int] = []
 
     def on_progress(p: slurm.Progress) -> None:
-        pid = next(workspace.glob("slurm/*/1/pid"), None)
-        if not cancelled and p.running and pid and pid.read_text().strip():
-            idle.run("scancel", f"{pid.parts[-3]}_1")
+        pid = Path(submitted[0].job_dir, "1", "pid")
+        if not cancelled and p.running and pid.exists() and pid.read_text().strip():
+            idle.run("scancel", f"{submitted[0].job_id}_1")
             cancelled.append(int(pid.read_text()))
 
-    run = slurm.run_array(LocalRemote(), cfg, slurm.render_script(cfg, suite_command=cmd), on_progress=on_progress)
+    run = slurm.run_array(LocalRemote(), cfg, slurm.render_script(cfg, suite_command=cmd),
+                          on_submit=submitted.append, on_progress=on_progress)
     assert cancelled, "task 1 never seen running"
     done, killed = run.records
     assert run.ended_by == "finished" and (done.state, done.exit_code) == ("COMPLETED", 0)
