@@ -3,8 +3,8 @@
 Each task runs a trivial command instead of the suite: it copies a real parity document (the tiny preset's, from
 tests/pipeline/fixtures/parity/) into its folder, so collection, transfer and reports move realistic sizes.
 Measured through pipeline.slurm exactly as a run does (submit, one squeue per poll, collect, fetch_results, one
-per-GPU report per task through report.write_report), then the alternatives it avoids: N separate sbatch jobs instead of one array, and one squeue per task instead of one
-per poll.
+per-GPU report per task through report.write_report), then the alternatives it avoids: N separate sbatch jobs
+instead of one array, and one squeue per job instead of one per poll.
 
     .venv/bin/python benchmarks/bench_slurm_scale.py [--tasks 300] [--cpus 32] [--json out.json]
 

@@ -365,6 +365,7 @@ class TaskRecord:
     ran: bool = False                # the task started on a node
     started_at: str = ""             # UTC from facts.json when the task wrote it, else squeue's (local time)
     ended_at: str = ""
+    duration_s: float | None = None  # the task's own run time (facts.json)
     task_dir: str = ""
     parity_json: str = ""            # path on the shared filesystem; '' when the task wrote none
 
@@ -404,8 +405,14 @@ def task_records(tasks: int, job_dir: str, statuses: Mapping[int, TaskStatus], f
             ran=bool(fa) or bool(st and st.node),
             started_at=_utc(fa.get("started")) or (st.started_at if st and st.node else ""),
             ended_at=_utc(fa.get("ended")) or (st.ended_at if st and st.ended else ""),
+            duration_s=_span(fa),
             task_dir=f"{job_dir}/{tid}", parity_json=f"{job_dir}/{tid}/parity.json" if fa.get("parity_json") else ""))
     return records
+
+
+def _span(facts: Mapping[str, Any]) -> float | None:
+    started, ended = facts.get("started"), facts.get("ended")
+    return float(ended - started) if _utc(started) and _utc(ended) else None
 
 
 def _utc(epoch: Any) -> str:
@@ -506,41 +513,30 @@ def _poll_once(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch) -> No
         w.known.update(statuses)
 
 
-def _sleep(seconds: float, cancel_event: threading.Event | None) -> bool:
-    """Sleep; True when the cancel event was set meanwhile."""
-    if seconds <= 0:
-        return bool(cancel_event and cancel_event.is_set())
-    if cancel_event is None:
-        time.sleep(seconds)
-        return False
-    return cancel_event.wait(seconds)
-
-
-def _wait(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, t0: float,
-          cancel_event: threading.Event | None, on_progress: Callable[[Progress], None] | None,
-          clock: Callable[[], float]) -> str:
+def _wait(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, t0: float, cancel_event: threading.Event,
+          on_progress: Callable[[Progress], None] | None) -> str:
     interval = cfg.poll_min_s
     while True:
         _poll_once(runner, cfg, run, w)
-        run.last_progress = progress(w.known, run.tasks, clock() - t0)
+        run.last_progress = progress(w.known, run.tasks, time.monotonic() - t0)
         if on_progress:
             on_progress(run.last_progress)
         if run.last_progress.finished:
             return "finished"
         if w.vanished:
             return "vanished"
-        left = cfg.wall_s - (clock() - t0)
+        left = cfg.wall_s - (time.monotonic() - t0)
         if left <= 0:
             return "wall limit"
-        if _sleep(min(interval, left), cancel_event):
+        if cancel_event.wait(min(interval, left)):
             return "cancelled"
         interval = min(interval * 1.5, cfg.poll_max_s)
 
 
-def _settle(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, clock: Callable[[], float]) -> None:
+def _settle(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch) -> None:
     """After scancel: poll until Slurm says every task ended (KillWait, epilogs), for at most settle_s."""
-    t0, interval = clock(), min(1.0, cfg.poll_min_s)
-    while clock() - t0 < cfg.settle_s:
+    t0, interval = time.monotonic(), min(1.0, cfg.poll_min_s)
+    while time.monotonic() - t0 < cfg.settle_s:
         _poll_once(runner, cfg, run, w)
         if w.vanished or progress(w.known, run.tasks, 0).finished:
             return
@@ -557,34 +553,36 @@ def collect(runner: Runner, run: ArrayRun, statuses: Mapping[int, TaskStatus],
 
 def run_array(runner: Runner, cfg: SlurmConfig, script: str, *, cancel_event: threading.Event | None = None,
               on_submit: Callable[[ArrayRun], None] | None = None,
-              on_progress: Callable[[Progress], None] | None = None,
-              clock: Callable[[], float] = time.monotonic) -> ArrayRun:
+              on_progress: Callable[[Progress], None] | None = None) -> ArrayRun:
     """Submit the array, wait for it (bounded), cancel it when the wall limit, the cancel event or Ctrl-C comes
     first, and collect one record per task. Raises SlurmError when nothing was submitted or squeue keeps failing,
     and the runner's own error when the connection drops (both after a best-effort scancel; `on_submit` has told
     the caller the job id, to cancel it over a fresh connection)."""
-    t0 = clock()
+    t0 = time.monotonic()
     run = submit(runner, cfg, script)
-    run.submit_s = round(clock() - t0, 3)
+    run.submit_s = round(time.monotonic() - t0, 3)
     if on_submit:
         on_submit(run)
     w = _Watch()
     try:
-        run.ended_by = _wait(runner, cfg, run, w, t0, cancel_event, on_progress, clock)
+        run.ended_by = _wait(runner, cfg, run, w, t0, cancel_event or threading.Event(), on_progress)
     except KeyboardInterrupt:
         run.ended_by = "interrupted"
     except BaseException:
         _cancel_quietly(runner, cfg, run)
         raise
-    run.wait_s = round(clock() - t0 - run.submit_s, 3)
+    run.wait_s = round(time.monotonic() - t0 - run.submit_s, 3)
     at_cancel = None
     if run.ended_by in ("wall limit", "cancelled", "interrupted"):
         at_cancel = dict(w.known)
-        cancel(runner, cfg, run.job_id)
-        _settle(runner, cfg, run, w, clock)
-    c0 = clock()
+        try:
+            cancel(runner, cfg, run.job_id)
+        except SlurmError as e:   # said in the run's errors; the records still come
+            run.errors.append(str(e))
+        _settle(runner, cfg, run, w)
+    c0 = time.monotonic()
     run.records = collect(runner, run, w.known, at_cancel)
-    run.collect_s = round(clock() - c0, 3)
+    run.collect_s = round(time.monotonic() - c0, 3)
     run.polls = w.polls
     return run
 
@@ -675,6 +673,7 @@ def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict |
         host=rec.node or f"{cfg.job_name}[{rec.task_id}]", address=cfg.login or "localhost", port=0, user="",
         local=cfg.login is None, model=cfg.suite_model, device=("cuda" if cfg.uses_gpu else "cpu") if rec.ran else "",
         require_gpu=cfg.gpu, workspace=cfg.workspace, started_at=rec.started_at, finished_at=rec.ended_at,
+        duration_s=rec.duration_s or 0.0,
         steps=[step], gpus=gpus, parity=parity, verdict=verdict, exit_code=code,
         error="" if code == EXIT_OK else rec.describe(), notes=notes)
 

@@ -64,6 +64,7 @@ def test_records_name_every_task():
     assert [r.task_id for r in recs] == list(range(8))
     done, failed, cancelled, _, _, pending, ghost, _ = recs
     assert (done.state, done.exit_code, done.ran, done.node) == ("COMPLETED", 0, True, "vm")
+    assert (done.duration_s, failed.duration_s, cancelled.duration_s) == (0.0, 1.0, None)
     assert not done.ok and done.parity_json == "", "no parity.json: not ok"
     assert (failed.state, failed.exit_code) == ("FAILED", 3)
     assert (cancelled.state, cancelled.exit_code, cancelled.signal) == ("CANCELLED", None, 15)
