@@ -79,7 +79,18 @@ class Runner(Protocol):
 
 
 class SlurmConfig(BaseModel):
-    """An inventory entry `executor: slurm`: one job array, one task per GPU (CPU tasks for `gpu: none`)."""
+    """An inventory entry `executor: slurm`: one job array, one task per GPU (CPU tasks for `gpu: none`).
+
+        executor: slurm
+        login: lab-login                  # an inventory host (SSH as today); omitted: this machine (--local)
+        workspace: /shared/alice/flashcore
+        partition: gpu
+        account: proj-42
+        gpus: 64
+        time: "00:30:00"
+        sbatch_options: ["--qos=normal", "--constraint=h100"]
+        setup: ["module load cuda/12.4"]
+    """
 
     model_config = ConfigDict(extra="forbid")
     executor: Literal["slurm"] = "slurm"

@@ -173,3 +173,10 @@ def test_task_reports_speak_like_ssh_runs(tmp_path):
     md = report.render_markdown(results[5])
     assert "NOT RUN: PENDING (Resources)" in md and "task 5: never ran: PENDING (Resources)" in md
     assert slurm.task_verdict(records[0], False, "finished") == ("FAILED: parity", 1)
+
+
+def test_the_documented_inventory_entry_is_valid():
+    import yaml
+
+    entry = slurm.SlurmConfig(**yaml.safe_load(slurm.SlurmConfig.__doc__.split("\n", 2)[2]))
+    assert (entry.login, entry.gpus, entry.uses_gpu, entry.suite_model) == ("lab-login", 64, True, "llama-3.1-8b")
