@@ -75,7 +75,7 @@ def array_run(cluster, ws: Path, tasks: int) -> dict:
     fetch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reports = ws.parent / "reports"
-    for i, res in enumerate(slurm.host_results(run, cfg, slurm.local_records(run.records, run, local))):
+    for i, res in enumerate(slurm.host_results(run, cfg, slurm.local_records(run.records, local))):
         report.write_report(res, reports, f"task{i}")
     report_s = time.perf_counter() - t0
     polls = runner.of("squeue")

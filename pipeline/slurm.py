@@ -641,7 +641,7 @@ def fetch_results(remote: Any, run: ArrayRun, dest: Path, timeout: float = 600) 
     return dest / name
 
 
-def local_records(records: list[TaskRecord], run: ArrayRun, local_dir: Path) -> list[TaskRecord]:
+def local_records(records: list[TaskRecord], local_dir: Path) -> list[TaskRecord]:
     """The same records with their paths in the fetched copy."""
     return [replace(r, task_dir=str(local_dir / str(r.task_id)),
                     parity_json=str(local_dir / str(r.task_id) / "parity.json") if r.parity_json else "")

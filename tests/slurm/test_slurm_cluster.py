@@ -71,7 +71,7 @@ def test_array_runs_the_tiny_suite_on_the_cpu(idle, code_workspace, tmp_path):
     script = Path(run.script_path).read_text()
     assert "--array=0-1" in script and "--parity-model tiny" in script and "--parity-device cpu" in script
     local = slurm.fetch_results(LocalRemote(), run, tmp_path)
-    fetched = slurm.local_records(run.records, run, local)
+    fetched = slurm.local_records(run.records, local)
     for r in fetched:
         doc = ParityReport.from_dict(json.loads(Path(r.parity_json).read_text()))
         assert doc.passed and doc.model.preset == "tiny" and doc.environment.device == "cpu"
