@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Linux machine: the OpenSSH server and rsync that the integration tests
-# talk to (installed with apt-get when missing and we are root), and a .venv with flashcore, the pipeline
-# and the test tools. CPU machines get the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+# talk to, and the Slurm + munge daemons the Slurm tests start (installed with apt-get when missing and we are
+# root), and a .venv with flashcore, the pipeline and the test tools. CPU machines get the CPU build of torch
+# (an unpinned torch pulls a multi-GB CUDA build).
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,12 +10,17 @@ cd "$(dirname "$0")/.."
 need=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
+# the single-node Slurm of tests/slurm (daemons in /usr/sbin, clients in /usr/bin)
+[ -x /usr/sbin/munged ] || command -v munged >/dev/null 2>&1 || need+=(munge)
+[ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1 || need+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || command -v slurmd >/dev/null 2>&1 || need+=(slurmd)
+command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing ${need[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   else
-    echo "bootstrap: ${need[*]} missing (integration tests will skip); install them as root" >&2
+    echo "bootstrap: ${need[*]} missing (integration and Slurm tests will skip); install them as root" >&2
   fi
 fi
 

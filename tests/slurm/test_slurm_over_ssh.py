@@ -1,0 +1,43 @@
+"""The login node over SSH, as a real run reaches it: pipeline.slurm through the SSH backend (a real OpenSSH sshd on
+loopback, tests/integration/harness.py) in front of the real single-node Slurm. Everything crosses SSH: the
+script in a heredoc, sbatch, each squeue, the collection, the results' tarball (SFTP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from pipeline import slurm
+from pipeline.inventory import HostConfig
+from pipeline.remote import connect
+from tests.integration.harness import KEYGEN, SSHD, start_sshd
+
+
+@pytest.fixture(scope="module")
+def login(tmp_path_factory):
+    if not SSHD or not KEYGEN:
+        pytest.skip("OpenSSH server not installed (scripts/bootstrap.sh installs openssh-server)")
+    server, proc = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+
+
+def test_array_through_the_login_node_over_ssh(idle, login, workspace, tmp_path):
+    cfg = slurm.SlurmConfig(workspace=str(workspace), login="127.0.0.1", gpus=2, gpu="none", time="5",
+                            env=idle.env, poll_min_s=0.3, poll_max_s=1.0)
+    host = HostConfig(name="login", address="127.0.0.1", port=login.port, user=os.environ.get("USER") or "root",
+                      identity=str(login.client_key), known_hosts=str(login.known_hosts))
+    remote = connect(host)
+    try:
+        cmd = 'echo "{}" > "$task_dir/parity.json"; [ "$SLURM_ARRAY_TASK_ID" = 0 ]'
+        run = slurm.run_array(remote, cfg, slurm.render_script(cfg, suite_command=cmd))
+        local = slurm.fetch_results(remote, run, tmp_path)
+    finally:
+        remote.close()
+    assert [(r.state, r.exit_code) for r in run.records] == [("COMPLETED", 0), ("FAILED", 1)]
+    assert (local / "0" / "parity.json").read_text() == "{}\n" and (local / "validate.sbatch").is_file()
+    sent = login.commands.read_text()
+    assert sent.count('sbatch --parsable --hold "$f"') == 1 and sent.count(" squeue --jobs=") == run.polls
