@@ -33,9 +33,10 @@ def test_happy_path_passes_and_reports_everything(happy, sshd, code_snapshot):
     doc = happy.report()
     assert doc["schema"] == "flashcore.report/1"
     assert doc["verdict"] == "PASSED" and doc["exit_code"] == 0
-    assert [s["name"] for s in doc["steps"]] == ["connect", "gpu", "sync", "install", "token", "suite", "report"]
+    assert [s["name"] for s in doc["steps"]] == ["connect", "lock", "gpu", "sync", "install", "token", "suite",
+                                                 "report"]
     status = {s["name"]: s["status"] for s in doc["steps"]}
-    assert status == {"connect": "ok", "gpu": "ok", "sync": "ok", "install": "ok", "token": "skipped",
+    assert status == {"connect": "ok", "lock": "ok", "gpu": "ok", "sync": "ok", "install": "ok", "token": "skipped",
                       "suite": "ok", "report": "ok"}
     assert doc["device"] == "cpu" and doc["model"] == "tiny"
     assert doc["sync"]["method"] == "rsync" and len(doc["sync"]["content_hash"]) == 64
@@ -48,9 +49,9 @@ def test_happy_path_streams_and_fetches_artifacts(happy, sshd):
     assert f"[127.0.0.1:{sshd.port} suite]" in happy.out       # live output, with the step shown
     doc = happy.report()
     for name in ("parity.json", "junit.xml", "suite.log"):
-        path = Path(doc["artifacts"][name])
+        path = happy.report_dir / doc["artifacts"][name]             # relative to the report's folder
         assert path.is_file() and path.stat().st_size > 0, name
-    assert "<testsuite" in Path(doc["artifacts"]["junit.xml"]).read_text()
+    assert "<testsuite" in (happy.report_dir / doc["artifacts"]["junit.xml"]).read_text()
     md = happy.report_md()
     assert md.splitlines()[0].endswith("PASSED")                # verdict first
     for section in ("## Host and GPU", "## Versions", "## Steps", "## Parity", "## Decode latency",
@@ -66,8 +67,9 @@ def test_warm_rerun_sends_almost_nothing(happy, sshd, workspace, tmp_path):
     assert run.code == 0, run.out[-3000:]
     doc = run.report()
     assert doc["sync"]["method"] == "rsync" and doc["sync"]["bytes_sent"] < 20000
-    assert "0 of" in doc["steps"][2]["detail"]
-    assert "venv reused" in doc["steps"][3]["detail"]
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert "0 of" in steps["sync"]["detail"]
+    assert "venv reused" in steps["install"]["detail"]
     assert doc["sync"]["content_hash"] == happy.report()["sync"]["content_hash"]
 
 
@@ -80,7 +82,7 @@ def test_closed_port_exits_3_within_connect_timeout(tmp_path):
     assert time.monotonic() - t0 < 3 + 5
     doc = run.report()
     assert doc["verdict"] == "UNREACHABLE" and "cannot connect" in doc["error"]
-    assert [s["status"] for s in doc["steps"][1:-1]] == ["skipped"] * 5
+    assert [s["status"] for s in doc["steps"][1:-1]] == ["skipped"] * 6
 
 
 def test_unknown_host_key_refused_then_accepted_new(sshd, tmp_path):
@@ -166,16 +168,16 @@ def test_local_deadline_kills_remote_group_over_new_channel(sshd, workspace, tmp
     """The connection-side deadline: the remote `timeout` is far away (100 s); the local one (2 s) must end
     the command and kill its whole process group through a new channel."""
     from pipeline import commands
-    from pipeline.inventory import HostConfig
-    from pipeline.remote import SSHRemote
+    from pipeline.settings import HostConfig
+    from pipeline.ssh import SSHRemote
 
     script, pids = _hanging_suite(tmp_path)
     cfg = HostConfig(name="t", address="127.0.0.1", port=sshd.port, user=os.environ.get("USER") or "root",
-                     identity=str(sshd.client_key), known_hosts=str(sshd.known_hosts), gpu=None)
+                     identities=(str(sshd.client_key),), known_hosts=(str(sshd.known_hosts),), gpu=None)
     lay = commands.layout(str(workspace))
-    with SSHRemote.connect(cfg) as remote:
+    with SSHRemote(cfg) as remote:
         res = remote.run(commands.suite_command(lay["workspace"], script, 100, 5), timeout=2,
-                         pidfile=lay["pidfile"])
+                         pidfile=lay["suite_pid"])
     assert res.timed_out
     started = [int(x) for x in pids.read_text().split()]
     time.sleep(0.5)
@@ -290,7 +292,7 @@ def test_fab_validate_over_ssh(sshd, tmp_path, code_snapshot):
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert doc["port"] == sshd.port and doc["local"] is False and doc["verdict"] == "PASSED (suite skipped)"
-    assert f"--identity {sshd.client_key}" in doc["reproduce"]
+    assert f"-i {sshd.client_key}" in doc["reproduce"] and doc["reproduce"].startswith("fab -H ")
 
 
 def test_offline_install_from_wheelhouse_over_ssh(sshd, tmp_path, code_snapshot):

@@ -31,9 +31,9 @@ def test_help_explains_every_option_and_exit_codes(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000", "--host", "h"], "--port: 70000"),
     (["--host", "h", "--local"], "choose one of"),
-    (["--host", "h", "--skip", "connect"], "invalid choice: 'connect'"),
+    (["--host", "h", "--skip", "connect"], "--skip: 'connect' is not a step that can be skipped"),
     (["--host", "h", "--require-gpu", ""], "--require-gpu"),
-    (["--host", "h", "--timeout", "-1"], "--timeout must be positive"),
+    (["--host", "h", "--timeout", "-1"], "--timeout: '-1' must be a finite number of seconds > 0"),
     (["--host", "h", "--wheelhouse", "/nonexistent/wh"], "--wheelhouse /nonexistent/wh"),
     (["--host", "h", "--identity", "/nonexistent/key"], "--identity /nonexistent/key"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -64,6 +64,7 @@ def test_local_run_through_the_local_backend(tmp_path, capsys):
     assert "[local] sync     ok" in out and "PASSED (suite skipped)" in out
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert doc["local"] is True and doc["steps"][0]["detail"].startswith("local, no SSH")
+    assert doc["steps"][1]["name"] == "lock" and doc["steps"][1]["status"] == "ok"
     assert (tmp_path / "ws" / "pipeline" / "steps.py").is_file()
     if doc["device"] == "cpu":
         assert doc["model"] == "tiny" and "No GPU on this host" in doc["notes"][0]
@@ -87,7 +88,7 @@ def test_crashing_suite_without_results_exit_5(tmp_path, capsys):
     assert code == 5
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert "crashed (exit 2) without writing its results" in doc["error"]
-    assert "boom" in Path(doc["artifacts"]["suite.log"]).read_text()
+    assert "boom" in (tmp_path / "r" / doc["artifacts"]["suite.log"]).read_text()
     assert "boom" in {s["name"]: s for s in doc["steps"]}["suite"]["log_tail"]
 
 

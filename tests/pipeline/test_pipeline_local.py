@@ -6,7 +6,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from pipeline import local
+from pipeline import local, parse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,9 +42,11 @@ def test_requirements_and_spec_hash(tmp_path):
     root = _tree(tmp_path)
     assert local.requirements(root) == ["torch>=2.11", "pytest>=8"]
     assert "pytest>=8" in local.requirements(REPO)
-    h = local.install_spec_hash(["a"], "python3", [])
-    assert h == local.install_spec_hash(["a"], "python3", [])
-    assert h != local.install_spec_hash(["a"], "/opt/py", []) != local.install_spec_hash(["a"], "python3", ["w.whl"])
+    h = parse.install_spec_hash(["a"], "python3", [], b"script")
+    assert h == parse.install_spec_hash(["a"], "python3", [], b"script")
+    assert h != parse.install_spec_hash(["a"], "/opt/py", [], b"script") != \
+        parse.install_spec_hash(["a"], "python3", ["w.whl"], b"script") != \
+        parse.install_spec_hash(["a"], "python3", [], b"another script")
 
 
 def test_hf_token_sources(tmp_path):
