@@ -170,6 +170,12 @@ def tail(text: str, lines: int = 40, max_chars: int = 6000) -> str:
     return out[-max_chars:]
 
 
+def brief(text: str, lines: int = 3, max_chars: int = 300) -> str:
+    """The last non-empty lines of an output as ONE line (for error messages: one line on stderr)."""
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " / ".join(kept)[-max_chars:] or "no output"
+
+
 def redact(text: str, secrets: list[str]) -> str:
     for s in secrets:
         if s and len(s) >= 4:

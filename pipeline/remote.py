@@ -28,7 +28,7 @@ from pathlib import Path
 from invoke.exceptions import CommandTimedOut, Failure, ThreadException
 from invoke.runners import Local
 
-from pipeline import commands
+from pipeline import commands, parse
 from pipeline.errors import Interrupted, StepError, UnreachableError
 
 OutputFn = Callable[[str], None]
@@ -251,7 +251,7 @@ class Remote:
         """Over the exec channel: the bytes go through a command's stdin (never argv)."""
         res = self.run(commands.write_stdin_to_file_command(remote_path, mode), timeout=600, stdin=data)
         if not res.ok:
-            raise StepError(f"cannot write {remote_path} on the host: {res.output.strip()[-300:]}")
+            raise StepError(f"cannot write {remote_path} on the host: {parse.brief(res.output)}")
 
     def get(self, remote_path: str, local_path: str) -> bool:
         """Over the exec channel: base64 of the file (binary-safe through a text stream). False: no such file."""
@@ -259,7 +259,7 @@ class Remote:
         if res.exit_code == 3:
             return False
         if not res.ok:
-            raise StepError(f"cannot read {remote_path} from the host: {res.output.strip()[-300:]}")
+            raise StepError(f"cannot read {remote_path} from the host: {parse.brief(res.output)}")
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         Path(local_path).write_bytes(base64.b64decode("".join(res.stdout.split())))
         return True

@@ -236,7 +236,7 @@ class _Run:
             if self.pidfiles or self.cleanup_files:
                 res = remote.run(commands.cleanup_command(self.cleanup_files, self.pidfiles), timeout=60)
                 if not res.ok:
-                    raise StepError(f"the cleanup command failed (exit {res.exit_code}): {res.output.strip()[-200:]}")
+                    raise StepError(f"the cleanup command failed (exit {res.exit_code}): {parse.brief(res.output)}")
         except PipelineError as e:
             self.left_behind = [f"the process group recorded in {p}, if it still runs" for p in self.pidfiles] + \
                 [f"the token file {f}" for f in self.cleanup_files]

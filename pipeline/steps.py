@@ -295,7 +295,7 @@ def conclude_sync(f: Facts, out: list) -> Outcome:
     if _can_rsync(f):
         if not res.ok:
             return _failed("sync", StepError(f"rsync failed (exit {res.exit_code}): "
-                                             f"{parse.tail(res.output, 3, 400)}"), res)
+                                             f"{parse.brief(res.output)}"), res)
         sent, nfiles = parse.parse_rsync_stats(res.stdout)
         sync.method, sync.bytes_sent = "rsync", sent
         changed = parse.parse_rsync_changed(res.stdout)
@@ -308,7 +308,7 @@ def conclude_sync(f: Facts, out: list) -> Outcome:
         return _ok("sync", f"unchanged ({len(tree.files)} files, hash {tree.content_hash[:12]}): nothing sent",
                    **learned)
     if not res.ok:
-        return _failed("sync", StepError(f"unpacking the tarball failed: {parse.tail(res.output, 3, 400)}"), res)
+        return _failed("sync", StepError(f"unpacking the tarball failed: {parse.brief(res.output)}"), res)
     sync.method, sync.bytes_sent = "tar", out[0]          # PutTarball's output: the bytes it sent
     missing = "this machine" if not f.here.rsync else "the host"
     how = "tar" if f.cfg.local else "tar over SSH"
@@ -347,7 +347,7 @@ def conclude_install(f: Facts, out: list) -> Outcome:
         return _failed("install", CommandTimeout(f"install did not finish within {f.cfg.install_timeout:g} s"), res)
     if not doc:
         return _failed("install", StepError(f"install failed (exit {res.exit_code}): "
-                                            f"{parse.tail(res.output, 3, 400)}"), res)
+                                            f"{parse.brief(res.output)}"), res)
     if not doc.get("ok"):
         return _failed("install", StepError(f"install: {doc.get('error', 'failed')}"), res)
     imp = doc.get("imports", {})
@@ -390,12 +390,12 @@ def conclude_token(f: Facts, out: list) -> Outcome:
     put, res = out
     if not put.ok:
         return _failed("token", StepError(f"could not write the token file on the host: "
-                                          f"{parse.tail(put.output, 2, 300)}"), put)
+                                          f"{parse.brief(put.output)}"), put)
     doc = parse.parse_result_line(res.stdout) or {}
     status = doc.get("status", "hub_error")
     if status != "ok":
         return _failed("token", StepError(f"HF token ({f.here.token_source}): {_TOKEN_WORDS.get(status, status)}: "
-                                          f"{doc.get('detail') or parse.tail(res.output, 2, 300)}"), res)
+                                          f"{doc.get('detail') or parse.brief(res.output)}"), res)
     return _ok("token", f"token from {f.here.token_source}: {doc.get('detail', '')}", res.command)
 
 
