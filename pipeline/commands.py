@@ -227,8 +227,8 @@ def kill_group_command(*pidfiles: str) -> str:
 
 
 def cleanup_command(files: Sequence[str], pidfiles: Sequence[str]) -> str:
-    """The end of every run, one round trip: kill what may still run, remove what must not stay (the token)."""
-    return kill_group_command(*pidfiles) + (("; rm -f " + " ".join(q(f) for f in files)) if files else "")
+    """The end of every run, one round trip: remove what must not stay (the token, first), kill what may run."""
+    return (("rm -f " + " ".join(q(f) for f in files) + "; ") if files else "") + kill_group_command(*pidfiles)
 
 
 LOCK_WAITING_EXIT = 75

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import commands, local, parse, report
-from pipeline.errors import Interrupted, PipelineError, StepError, verdict_for
+from pipeline.errors import Interrupted, PipelineError, StepError, signal_name, verdict_for
 from pipeline.inventory import describe_gpu_requirement
 from pipeline.remote import Cancel, LocalRemote, Remote
 from pipeline.results import HostRunResult, StepResult
@@ -197,6 +197,9 @@ class _Run:
                 self.remote = open_remote(self.cfg, self.opts.cancel)
             outputs = [self.execute(op, facts) for op in step.plan(facts)]
             outcome = step.conclude(facts, outputs)
+        except Interrupted as e:              # raised where a command was stopped: say which step
+            e = Interrupted(f"interrupted ({signal_name(e.signum)}) during {step.name}", e.signum)
+            outcome = Outcome(self._failed(step.name, str(e)), error=e)
         except PipelineError as e:
             outcome = Outcome(self._failed(step.name, str(e)), error=e)
         except KeyboardInterrupt:              # no signal handler installed (a library caller): same as SIGINT

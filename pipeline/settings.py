@@ -15,7 +15,6 @@ import ast
 import math
 import os
 import re
-import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -276,11 +275,44 @@ def _ssh_lookup(config, alias: str, where: str) -> dict[str, Any]:
     if keys:                                   # OpenSSH skips configured keys that do not exist; so do we
         out["identities"] = keys
     if "userknownhostsfile" in found:
-        out["known_hosts"] = tuple(shlex.split(found["userknownhostsfile"]))
+        out["known_hosts"] = ssh_words(found["userknownhostsfile"])
     jump = found.get("proxyjump", "")
     if jump and jump.lower() != "none":
         out["jumps"] = tuple(_hop(config, spec.strip(), where) for spec in jump.split(","))
     return out
+
+
+def ssh_words(value: str) -> tuple[str, ...]:
+    """An ssh_config value that may list several paths, split as OpenSSH does (double or single quotes, and
+    backslash escapes). paramiko hands a value that was ONE quoted word back without its quotes: a value that
+    names an existing file as a whole is that one file."""
+    if Path(value).expanduser().exists():
+        return (value,)
+    words, word, quote, i, started = [], "", "", 0, False
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value) and value[i + 1] in "\\\"' ":
+            word, i, started = word + value[i + 1], i + 2, True
+            continue
+        if quote:
+            if c == quote:
+                quote = ""
+            else:
+                word += c
+        elif c in "\"'":
+            quote, started = c, True
+        elif c.isspace():
+            if started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word, started = word + c, True
+        i += 1
+    if quote:
+        raise UsageError(f"ssh_config: unbalanced quotes in {value!r}")
+    if started:
+        words.append(word)
+    return tuple(words)
 
 
 def _hop(config, spec: str, where: str) -> Hop:
@@ -342,7 +374,7 @@ def fabric_layer(conn) -> dict[str, Any]:
                              "identities": tuple(k for k in ([keys] if isinstance(keys, str) else keys)
                                                  if Path(k).expanduser().is_file()) or None}
     if "userknownhostsfile" in found:
-        layer["known_hosts"] = tuple(shlex.split(found["userknownhostsfile"]))
+        layer["known_hosts"] = ssh_words(found["userknownhostsfile"])
     if "proxyjump" in found and found["proxyjump"].lower() != "none":     # in OpenSSH's order (first hop first)
         layer["jumps"] = tuple(_hop(conn.config.base_ssh_config, x.strip(), "fab -H")
                                for x in found["proxyjump"].split(","))
@@ -371,8 +403,8 @@ def layered(f: Flags, inv: Inventory | None, ssh_config, presets: tuple[str, ...
     if f.host is not None:
         found = base if base is not None else _ssh_lookup(ssh_config, f.host, "--host")
         merged = _merge({"address": f.host}, found, flags)
-        port = merged.get("port", DEFAULTS.port)
-        return [(_build(f.host if port == 22 else f"{f.host}:{port}", merged, presets, ""), "")]
+        name = f.host if f.port in (None, 22) else f"{f.host}:{f.port}"      # --host NAME [--port P]
+        return [(_build(name, merged, presets, ""), "")]
     out = []
     for name in select_hosts(inv, f.target):
         layer = _inventory_layer(inv, name)
