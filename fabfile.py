@@ -84,8 +84,9 @@ def validate(c, model=None, require_gpu=None, python=None, workspace=None, known
     host = getattr(c, "host", None)  # a Fabric Connection with -H; a plain invoke Context without
 
     def go() -> int:
+        given_port = host and str(c.port) != (c.ssh_config or {}).get("port", "22")    # -H h:PORT, not ssh_config
         flags = make_flags(
-            host=c.original_host if host else None, local=local, inventory=None if host else inventory,
+            host=c.original_host if host else None, port=c.port if given_port else None, local=local, inventory=None if host else inventory,
             target=None if host else target, model=model, require_gpu=require_gpu, python=python,
             workspace=workspace, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
             wheelhouse=wheelhouse, report_dir=report_dir, template=template, skip=skip, timeout=timeout,

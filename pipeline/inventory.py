@@ -180,21 +180,26 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode)
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
         try:
-            first = seen.setdefault(key, key_node.start_mark.line)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line "
+                                                        f"{seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
         except TypeError:      # an unhashable key: construct_mapping says so below
             continue
-        if first != key_node.start_mark.line:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line {first + 1})",
-                                                    key_node.start_mark)
     return loader.construct_mapping(node)
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
-def _yaml_error(path: str, e: yaml.YAMLError) -> InventoryError:
+def _yaml_error(path: str, text: str, e: yaml.YAMLError) -> InventoryError:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    where = f"line {mark.line + 1}" if mark else "?"
+    if mark is not None:
+        where = f"line {mark.line + 1}"
+    elif isinstance(getattr(e, "position", None), int):          # a ReaderError: a character YAML refuses
+        where = f"line {text[:e.position].count(chr(10)) + 1}"
+    else:
+        where = "?"
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     return InventoryError(f"{path}: {where}: not valid YAML ({problem})")
 
@@ -209,7 +214,7 @@ def parse_inventory(text: str | bytes, path: str = "inventory.yaml") -> Inventor
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise _yaml_error(path, e) from None
+        raise _yaml_error(path, text, e) from None
     except RecursionError:     # the pure-Python loader (no libyaml) on absurd nesting
         raise InventoryError(f"{path}: nested too deeply to be an inventory") from None
     if not isinstance(data, dict):
