@@ -117,7 +117,7 @@ def write(result: HostRunResult, report_dir: Path, stem: str, template: str | Pa
           secrets: list[str] | None = None) -> None:
     """Write <stem>.md and <stem>.json into `report_dir`; the report step (appended to `result`) says how it went."""
     md_path, json_path = report_dir / f"{stem}.md", report_dir / f"{stem}.json"
-    step = StepResult("report", "ok", detail=f"{md_path} + {json_path.name}")
+    step = StepResult("report", "ok", detail=f"{md_path.name} + {json_path.name}")
     result.steps.append(step)
     result.artifacts.update(report_md=md_path.name, report_json=json_path.name)
     try:

@@ -71,3 +71,28 @@ def test_code_root_is_the_checkout_we_run_from(tmp_path):
         (tmp_path / d).mkdir()
     (tmp_path / "pyproject.toml").write_text("")
     assert local.find_code_root(tmp_path) == tmp_path.resolve()
+
+
+def test_git_revision_is_the_checkouts_own_never_an_outer_repositorys(tmp_path):
+    import subprocess
+
+    def git(*args, cwd):
+        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    outer = tmp_path / "outer"
+    nested = outer / "vendor" / "flashcore-copy"
+    nested.mkdir(parents=True)
+    (nested / "x.py").write_text("x = 1\n")
+    git("init", "-q", cwd=outer)
+    git("add", ".", cwd=outer)
+    git("commit", "-qm", "outer", cwd=outer)
+    assert len(local.git_revision(outer)) == 12                          # the outer checkout's own commit
+    assert local.git_revision(nested) == ""                              # a copy inside it: not that commit
+    git("init", "-q", cwd=nested)
+    git("add", ".", cwd=nested)
+    git("commit", "-qm", "inner", cwd=nested)
+    inner = local.git_revision(nested)
+    assert len(inner) == 12 and inner != local.git_revision(outer)       # its own repository: its own commit
+    (nested / "x.py").write_text("x = 2\n")
+    assert local.git_revision(nested) == inner + "+dirty"

@@ -105,3 +105,22 @@ def test_real_h100_parity_document_renders():
     assert "| cuda_graph | 8.692 | 10.448 | 1.2x |" in md
     assert "| 16.88 MiB | 67.50 MiB | 4x | 44.94 GiB |" in md
     assert md.count("| pass |") == 5 and "**FAIL**" not in md
+
+
+def test_rendered_once_relative_links_start_in_seconds_left_behind(tmp_path, monkeypatch):
+    from pipeline import report
+
+    r = _result("pass_cpu_tiny.json", verdict="UNREACHABLE", exit_code=3, started_at="2026-11-25T12:00:00+00:00")
+    r.artifacts = {"parity.json": "gpu-box-20261125T120000Z/parity.json", "suite.log": "gpu box/suite.log"}
+    r.left_behind = ["the token file /w/.flashcore/hf_token"]
+    calls = []
+    real = report.render_markdown
+    monkeypatch.setattr(report, "render_markdown", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report.write(r, tmp_path, "s")
+    assert len(calls) == 1                                               # one typed result, rendered once
+    md = (tmp_path / "s.md").read_text()
+    assert "[parity.json](gpu-box-20261125T120000Z/parity.json)" in md and "[suite.log](gpu%20box/suite.log)" in md
+    assert "[report_md](s.md)" in md and str(tmp_path) not in md       # relative to the report's folder
+    assert "| Started | 2026-11-25T12:00:00+00:00 (" in md
+    assert "### Possibly left on the host\n\n- the token file /w/.flashcore/hf_token" in md
+    assert "## Failures\n\nNone." not in md
