@@ -102,7 +102,7 @@ class _Run:
         self.label = cfg.name or cfg.label
         self.remote: Remote | None = None
         self.held = None
-        self.pidfiles: list[str] = []          # process groups this run started (killed at the end if alive)
+        self.pidfiles: list[str] = []          # process groups this run started and did not see end
         self.cleanup_files: list[str] = []     # files that must not outlive the run (the token)
         self.secrets: list[str] = []
         self.last: Run | None = None
@@ -126,6 +126,8 @@ class _Run:
             stream = (lambda line: self.say(f"[{self.label} suite] {line}")) if op.stream else None
             res = self.remote.run(op.command, timeout=op.timeout, stdin=op.stdin, on_output=stream,
                                   pidfile=op.pidfile)
+            if op.pidfile and not res.timed_out:
+                self.pidfiles.remove(op.pidfile)   # it ended (its wrapper removed the pidfile): nothing to kill
             self.last_result = res
             return res
         if isinstance(op, Rsync):
