@@ -23,7 +23,7 @@ from pipeline.remote import Cancel
 from pipeline.results import SKIPPABLE_STEPS, HostRunResult
 from pipeline.settings import DEFAULTS, Flags, HostConfig, describe, resolve, seconds, tcp_port
 
-EPILOG = f"""\
+EPILOG = """\
 examples:
   flashcore-deploy --local
       this machine, no SSH; without a GPU the tiny preset runs on the CPU

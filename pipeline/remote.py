@@ -194,12 +194,14 @@ class Remote:
         t0 = time.monotonic()
         runner, promise, streams = self._start(command, timeout=timeout, stdin=stdin, keep_stdin=False,
                                                on_output=on_output)
-        while not (runner.process_is_finished or runner.has_dead_threads):
-            if self.cancel.wait(POLL_S):
-                runner.kill()
-                self.kill_group(pidfile)
-                _join_quietly(promise)
-                raise self.cancel.error("a command")
+        try:
+            while not (runner.process_is_finished or runner.has_dead_threads):
+                if self.cancel.wait(POLL_S):
+                    self._stop(runner, promise, pidfile)
+                    raise self.cancel.error("a command")
+        except KeyboardInterrupt:          # no signal handler installed (a library caller): stop it all the same
+            self._stop(runner, promise, pidfile)
+            raise
         timed_out = False
         try:
             res = promise.join()
@@ -214,6 +216,15 @@ class Remote:
             raise self._lost("the SSH connection dropped")
         return CommandResult(command, 124 if timed_out else res.exited, res.stdout, res.stderr,
                              time.monotonic() - t0, timed_out)
+
+    def _stop(self, runner, promise, pidfile: str | None) -> None:
+        """A command that must end now: its channel (or local session) closed, its process group killed."""
+        runner.kill()
+        try:
+            self.kill_group(pidfile)
+        except UnreachableError:           # the connection is gone too: the run's cleanup reconnects for it
+            pass
+        _join_quietly(promise)
 
     def _lost(self, why: str) -> UnreachableError:
         return UnreachableError(f"{self.label}: {why}")

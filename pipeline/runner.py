@@ -263,71 +263,77 @@ def _result(cfg: HostConfig, opts: RunOptions, started: datetime) -> HostRunResu
                          started_at=started.isoformat(timespec="seconds"), reproduce=opts.reproduce)
 
 
+def _run_steps(run: _Run, facts: Facts, result: HostRunResult) -> tuple[PipelineError | None, str]:
+    """Every step in order; after a failure the rest are skipped. (error, the step that failed)."""
+    error: PipelineError | None = None
+    failed_step = ""
+    for step in STEPS:
+        if error is not None:
+            result.steps.append(StepResult(step.name, "skipped", detail=f"not run: {failed_step} failed"))
+            continue
+        if step.name in run.opts.skip:
+            result.steps.append(StepResult(step.name, "skipped", detail="--skip " + step.name))
+            run.say(f"[{run.label}] {step.name:8s} skipped (--skip)")
+            continue
+        if run.opts.cancel.is_set():
+            error, failed_step = run.opts.cancel.error(step.name), step.name
+            result.steps.append(StepResult(step.name, "failed", detail=str(error)))
+            continue
+        run.say(f"[{run.label}] {step.name:8s} ...")
+        s0 = time.monotonic()
+        outcome = run.do(step, facts)
+        outcome.step.duration_s = round(time.monotonic() - s0, 3)
+        result.steps.append(outcome.step)
+        run.say(f"[{run.label}] {step.name:8s} {outcome.step.status} ({outcome.step.duration_s:.2f} s) "
+                f"{outcome.step.detail}")
+        if outcome.error is not None:
+            error, failed_step = outcome.error, step.name
+    return error, failed_step
+
+
+def _gather(run: _Run, started: datetime) -> Facts:
+    try:
+        here = gather_here(run.cfg, run.opts, started)
+    except (OSError, ValueError, KeyError) as e:
+        raise StepError(f"cannot read the checkout {run.opts.code_root} ({type(e).__name__}: {e})") from None
+    run.secrets = [here.token] if here.token else []
+    return Facts(run.cfg, here, skip=frozenset(run.opts.skip), suite_command=run.opts.suite_command,
+                 kill_after_s=run.opts.kill_after_s)
+
+
 def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
     """Validate one host: every step in order, the cleanup and the report always. Never raises PipelineError."""
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
+    started, t0 = datetime.now(timezone.utc), time.monotonic()
     result = _result(cfg, opts, started)
     run = _Run(cfg, opts)
     report_dir = Path(opts.report_dir)
-    error: PipelineError | None = None
-    failed_step = ""
+    facts, stem = None, ""
     try:
         stem = reserve_stem(report_dir, result.host, started)
-    except (OSError, StepError) as e:
-        stem, error, failed_step = "", StepError(f"report folder {report_dir}: {e}"), "report"
-    run.art_dir = report_dir / (stem or "unsaved")
-    facts = None
-    try:
-        if error is None:
-            here = gather_here(cfg, opts, started)
-            run.secrets = [here.token] if here.token else []
-            facts = Facts(cfg, here, skip=frozenset(opts.skip), suite_command=opts.suite_command,
-                          kill_after_s=opts.kill_after_s)
-        for step in STEPS:
-            if error is not None:
-                result.steps.append(StepResult(step.name, "skipped", detail=f"not run: {failed_step} failed"))
-                continue
-            if step.name in opts.skip:
-                result.steps.append(StepResult(step.name, "skipped", detail="--skip " + step.name))
-                run.say(f"[{run.label}] {step.name:8s} skipped (--skip)")
-                continue
-            if opts.cancel.is_set():
-                error, failed_step = opts.cancel.error(step.name), step.name
-                result.steps.append(StepResult(step.name, "failed", detail=str(error)))
-                continue
-            run.say(f"[{run.label}] {step.name:8s} ...")
-            s0 = time.monotonic()
-            outcome = run.do(step, facts)
-            outcome.step.duration_s = round(time.monotonic() - s0, 3)
-            result.steps.append(outcome.step)
-            run.say(f"[{run.label}] {step.name:8s} {outcome.step.status} ({outcome.step.duration_s:.2f} s) "
-                    f"{outcome.step.detail}")
-            if outcome.error is not None:
-                error, failed_step = outcome.error, step.name
+        run.art_dir = report_dir / stem
+        facts = _gather(run, started)
+        error, failed_step = _run_steps(run, facts, result)
+    except (OSError, StepError) as e:       # the report folder or this checkout: before any step ran
+        error, failed_step = (e if isinstance(e, StepError) else StepError(f"report folder {report_dir}: {e}"),
+                              "checkout" if stem else "report")
+        result.steps = [StepResult(s.name, "skipped", detail=f"not run: {failed_step} failed") for s in STEPS]
     finally:
         run.cleanup()
     if facts is not None:
         result.model, result.device, result.workspace = facts.model, facts.device, facts.workspace
         result.gpus, result.versions, result.sync, result.parity = facts.gpus, facts.versions, facts.sync, facts.parity
         result.notes = facts.notes
-    if run.remote is not None:
-        result.notes += run.remote.notes
-    result.notes += run.notes
-    result.left_behind = run.left_behind
+    result.notes += (run.remote.notes if run.remote else []) + run.notes
+    result.left_behind, result.artifacts = run.left_behind, dict(run.artifacts)
     result.verdict, result.exit_code = verdict_for(error, failed_step, "suite" in opts.skip)
     result.error = parse.redact(str(error), run.secrets) if error else ""
-    if isinstance(error, Interrupted):
-        result.error += f"; cleaned up{' (see left behind)' if run.left_behind else ''}"
     result.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.duration_s = round(time.monotonic() - t0, 3)
-    result.artifacts = dict(run.artifacts)
     if stem:
         report.write(result, report_dir, stem, opts.template, run.secrets)
         step = result.step("report")
         run.say(f"[{run.label}] report   {step.status}: {step.detail}")
     return result
-
 
 
 # ------------------------------------------------------------------------------------------------- dry run

@@ -337,6 +337,8 @@ def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 def _build(name: str, merged: dict[str, Any], presets: tuple[str, ...], where: str) -> HostConfig:
     kw = dict(merged)
+    for key in ("user", "python", "workspace"):
+        _text(kw.get(key), f"{where}{key}" if where else f"--{key}")
     check_model(kw.get("model", DEFAULTS.model), presets, f"{where}model")
     gpu = kw.pop("gpu", DEFAULTS.gpu)
     kh = kw.pop("known_hosts", None)

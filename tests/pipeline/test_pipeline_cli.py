@@ -179,3 +179,18 @@ def test_a_dead_runs_leftover_group_is_killed_when_the_lock_is_taken(tmp_path, c
     assert orphan.wait(timeout=10) == -15
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert any(f"left running: {rt / 'suite.pid'}" in n for n in doc["notes"])
+
+
+def test_a_checkout_that_cannot_be_read_is_a_reported_step_error(tmp_path):
+    """run_host never raises: a code root without pyproject.toml ends as a report saying so (exit 5)."""
+    from pipeline.runner import RunOptions, run_host
+    from pipeline.settings import Flags, resolve
+
+    (tmp_path / "empty").mkdir()
+    cfg = resolve(Flags(local=True, workspace=str(tmp_path / "ws")), REPO)[0]
+    res = run_host(cfg, RunOptions(report_dir=str(tmp_path / "r"), code_root=tmp_path / "empty",
+                                   out=lambda line: None))
+    assert (res.verdict, res.exit_code) == ("ERROR: checkout step failed", 5)
+    assert "cannot read the checkout" in res.error and "pyproject.toml" in res.error
+    assert [s.status for s in res.steps] == ["skipped"] * 7 + ["ok"]
+    assert (tmp_path / "r" / res.artifacts["report_md"]).is_file()

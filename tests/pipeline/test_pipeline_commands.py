@@ -4,7 +4,6 @@ command it builds does what it says."""
 from __future__ import annotations
 
 import os
-import shlex
 import stat
 import subprocess
 import time

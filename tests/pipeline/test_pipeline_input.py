@@ -179,3 +179,8 @@ def test_version_list_hosts_and_dry_run(capsys, tmp_path):
     assert "flock -n 9" in out and "Host flashcore-target\n        HostName 10.0.0.1\n        Port 2222" in out
     assert "--parity-model tiny" in out and "< stdin: install.py" in out
     assert not ws.exists() and not (tmp_path / "r").exists()             # nothing ran, nothing written
+
+
+def test_empty_inventory_strings_are_refused(capsys, tmp_path):
+    inv = _inventory(tmp_path, "hosts:\n  a: {address: h, workspace: ''}\n")
+    _bad(["--inventory", str(inv), "--target", "a"], "hosts.a.workspace: empty", capsys, tmp_path)
