@@ -33,6 +33,7 @@ from pipeline.inventory import describe_gpu_requirement
 from pipeline.remote import Cancel, LocalRemote, Remote
 from pipeline.results import HostRunResult, StepResult
 from pipeline.settings import HostConfig, describe
+from pipeline.ssh import TARGET_ALIAS, open_remote, rsync_ssh_config
 from pipeline.steps import (FORWARDED_ENV, STEPS, TINY, Facts, Get, Here, Hold, HoldOutput, Outcome, Put,
                             PutTarball, Rsync, Run, Step)
 
@@ -195,7 +196,6 @@ class _Run:
     def do(self, step: Step, facts: Facts) -> Outcome:
         try:
             if step.name == "connect":
-                from pipeline.ssh import open_remote
                 self.remote = open_remote(self.cfg, self.opts.cancel)
             outputs = [self.execute(op, facts) for op in step.plan(facts)]
             outcome = step.conclude(facts, outputs)
@@ -359,7 +359,6 @@ def describe_op(op, cfg: HostConfig, facts: Facts) -> list[str]:
     if isinstance(op, Run):
         return [f"$ {op.command}"] + ([f"    < stdin: {op.stdin_label}"] if op.stdin is not None else [])
     if isinstance(op, Rsync):
-        from pipeline.ssh import TARGET_ALIAS, rsync_ssh_config
         if cfg.local:
             return ["(here) $ " + shlex.join(commands.rsync_argv(op.source, op.workspace, None, prepare=op.prepare))]
         argv = commands.rsync_argv(op.source, f"{TARGET_ALIAS}:{op.workspace}", "ssh -F SSH_CONFIG",

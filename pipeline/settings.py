@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.errors import UsageError
 from pipeline.inventory import (GpuSpec, Inventory, describe_gpu_requirement, load_inventory,
                                 parse_gpu_requirement, select_hosts)
+from pipeline.known_hosts import load_known_hosts
 from pipeline.results import SKIPPABLE_STEPS
 
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")   # OpenSSH's user + global files
@@ -353,8 +354,6 @@ def _build(name: str, merged: dict[str, Any], presets: tuple[str, ...], where: s
 
 def _check_files(cfg: HostConfig, where: str) -> None:
     """Key files and known_hosts files, before anything connects (they are the user's input too)."""
-    from pipeline.ssh import load_known_hosts
-
     for key in cfg.identities:
         if not Path(key).is_file() or not os.access(key, os.R_OK):
             raise UsageError(f"{where}identity {key}: no such readable file")

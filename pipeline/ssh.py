@@ -2,136 +2,37 @@
 hops), the exception map, rsync's ssh settings, and `SSHRemote` (commands through Fabric's runner).
 
 Host keys are strict, as OpenSSH's StrictHostKeyChecking=yes: a key must be in known_hosts (the given files, or
-~/.ssh/known_hosts + /etc/ssh/ssh_known_hosts); an unknown key is refused unless accept-new (then recorded in the
-first file); a changed key is always refused; a key marked `@revoked` is refused even if listed. known_hosts is
-read here rather than by paramiko's HostKeys.load, which skips bad lines silently and stops with an exception on
-a `@revoked` or `@cert-authority` line: hashed names (`|1|...`) work, `@cert-authority` lines are accepted and
-ignored (paramiko cannot check host certificates), and a line that is not a key is a UsageError naming the file
-and line.
+~/.ssh/known_hosts + /etc/ssh/ssh_known_hosts; read by `pipeline.known_hosts`); an unknown key is refused unless
+accept-new (then recorded in the first file); a changed key is always refused; a key marked `@revoked` is refused
+even if listed.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import shlex
 import socket
-import struct
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fabric.runners import Remote as FabricRemote
+from paramiko import MissingHostKeyPolicy
 
-from pipeline.errors import AuthenticationError, ConnectError, HostKeyError, UnreachableError, UsageError
-from pipeline.remote import Cancel, FeedStdinAtOnce, Remote
+from pipeline.errors import AuthenticationError, ConnectError, HostKeyError, UnreachableError
+from pipeline.known_hosts import KnownHosts, fingerprint, load_known_hosts
+from pipeline.remote import Cancel, FeedStdinAtOnce, LocalRemote, Remote
 from pipeline.settings import HostConfig
 
 KEEPALIVE_S = 15
 TARGET_ALIAS = "flashcore-target"          # the names rsync's ssh knows the hosts by (its own config file)
 HOP_ALIAS = "flashcore-hop-{}"
-_KEY_TYPE = ("ssh-", "ecdsa-", "sk-", "rsa-", "x509v3-")
-
-
-# ----------------------------------------------------------------------------------------------- known_hosts
-
-
-@dataclass
-class KnownHosts:
-    files: tuple[str, ...]
-    entries: list[tuple[list[str], object]] = field(default_factory=list)   # (host names/hashes, PKey)
-    revoked: dict[bytes, str] = field(default_factory=dict)                 # key blob -> "file:line"
-    cert_authorities: int = 0
-
-    def into(self, host_keys) -> None:
-        """Add the trusted (not revoked) entries to a paramiko HostKeys."""
-        for names, key in self.entries:
-            if key.asbytes() not in self.revoked:
-                for name in names:
-                    host_keys.add(name, key.get_name(), key)
-
-    def refuse_if_revoked(self, hostname: str, key) -> None:
-        where = self.revoked.get(key.asbytes())
-        if where:
-            raise HostKeyError(f"{hostname}: host key {key.get_name()} {fingerprint(key)} is REVOKED ({where}); "
-                               "refusing")
-
-
-def _blob_type(blob: bytes) -> str:
-    """The type string an SSH public key blob starts with (uint32 length + name)."""
-    if len(blob) < 4:
-        return ""
-    (n,) = struct.unpack(">I", blob[:4])
-    return blob[4:4 + n].decode("ascii", "replace") if n <= len(blob) - 4 else ""
-
-
-def _parse_line(line: str) -> tuple[str, list[str], str, bytes] | None:
-    """(marker, names, key type, blob), or None when the line is not a key line."""
-    fields = line.split()
-    marker = fields.pop(0) if fields and fields[0].startswith("@") else ""
-    if marker not in ("", "@revoked", "@cert-authority") or len(fields) < 3:
-        return None
-    names, key_type, data = fields[0], fields[1], fields[2]
-    if not key_type.startswith(_KEY_TYPE):
-        return None
-    try:
-        blob = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if _blob_type(blob) != key_type:
-        return None
-    return marker, names.split(","), key_type, blob
-
-
-def load_known_hosts(paths: tuple[str, ...]) -> KnownHosts:
-    """Read every existing file of `paths`. A file that cannot be read, is not text, or holds a line that is not
-    a known_hosts entry is a UsageError naming it (OpenSSH would skip such lines; a garbage file is a mistake)."""
-    from paramiko.pkey import PKey, UnknownKeyType
-    from paramiko.ssh_exception import SSHException
-
-    known = KnownHosts(files=paths)
-    for path in paths:
-        p = Path(path)
-        if not p.exists():
-            continue
-        try:
-            text = p.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"known_hosts {path}: not a text file") from None
-        except OSError as e:
-            raise UsageError(f"known_hosts {path}: cannot read ({e.strerror})") from None
-        for n, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parsed = _parse_line(line)
-            if parsed is None:
-                raise UsageError(f"known_hosts {path}: line {n}: not a known_hosts entry ({line[:60]!r})")
-            marker, names, key_type, blob = parsed
-            if marker == "@revoked":
-                known.revoked[blob] = f"{path}:{n}"
-            elif marker == "@cert-authority":
-                known.cert_authorities += 1
-            else:
-                try:
-                    key = PKey.from_type_string(key_type, blob)
-                except (UnknownKeyType, SSHException, ValueError):
-                    continue           # a valid line of a key type paramiko does not speak: not ours to use
-                known.entries.append(([x for x in names if not x.startswith("!")], key))
-    return known
-
-
-def fingerprint(key) -> str:
-    import hashlib
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
 
 
 _append_lock = threading.Lock()
 
 
-class _Policy:
+class _Policy(MissingHostKeyPolicy):
     """paramiko's MissingHostKeyPolicy: refuse (strict) or record (accept-new); a revoked key is always refused."""
 
     def __init__(self, known: KnownHosts, accept_new: bool):
@@ -157,6 +58,11 @@ def _where(user: str, address: str, port: int, via: str = "") -> str:
     return f"{user}@{address}:{port}" + (f" (via {via})" if via else "")
 
 
+def _known_name(cfg: HostConfig) -> str:
+    """The host as known_hosts names it."""
+    return cfg.address if cfg.port == 22 else f"[{cfg.address}]:{cfg.port}"
+
+
 def map_exception(e: BaseException, where: str, cfg: HostConfig, known: KnownHosts) -> ConnectError:
     """The exception map: whatever paramiko / sockets raise while connecting -> one ConnectError line."""
     from paramiko.ssh_exception import (AuthenticationException, BadHostKeyException, ChannelException,
@@ -171,7 +77,7 @@ def map_exception(e: BaseException, where: str, cfg: HostConfig, known: KnownHos
             return revoked
         return HostKeyError(f"{where}: host key CHANGED (server offers {fingerprint(e.key)}, known_hosts "
                             f"{known.files[0]} has another); refusing. If the host was rebuilt, remove the old "
-                            f"entry: ssh-keygen -R '[{cfg.address}]:{cfg.port}' -f {known.files[0]}")
+                            f"entry: ssh-keygen -R '{_known_name(cfg)}' -f {known.files[0]}")
     if isinstance(e, AuthenticationException):
         keys = "key " + ", ".join(cfg.identities) if cfg.identities else "default keys/agent"
         return AuthenticationError(f"{where}: authentication failed ({keys}): {e}")
@@ -364,6 +270,6 @@ class SSHRemote(Remote):
 
 
 def open_remote(cfg: HostConfig, cancel: Cancel) -> Remote:
-    from pipeline.remote import LocalRemote
+    """The host's Remote: this machine for --local, else an SSH connection (or a ConnectError)."""
     return LocalRemote(cancel) if cfg.local else SSHRemote(cfg, cancel)
 

@@ -126,7 +126,7 @@ def test_known_hosts_that_is_a_directory(capsys, tmp_path):
 def test_every_line_openssh_accepts_is_accepted(tmp_path):
     """Hashed names, markers, comments, options we cannot use (a key type paramiko lacks) all load."""
     from paramiko import HostKeys
-    from pipeline.ssh import load_known_hosts
+    from pipeline.known_hosts import load_known_hosts
 
     sk = base64.b64encode(b"\x00\x00\x00\x1ask-ssh-ed25519@openssh.com" + bytes(40)).decode()
     kh = tmp_path / "kh"
