@@ -134,10 +134,6 @@ def write_stdin_to_file_command(path: str, mode: int = 0o600) -> str:
             f"chmod {mode:o} {q(path)}")
 
 
-def remove_file_command(path: str) -> str:
-    return f"rm -f {q(path)}"
-
-
 def untar_command(archive: str, workspace: str, hash_file: str, content_hash: str) -> str:
     """Unpack the tarball into the workspace. Files the previous tarball brought (its manifest) are removed
     first, so files deleted here disappear there too (what rsync --delete does on the rsync path)."""
