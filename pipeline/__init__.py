@@ -1,8 +1,18 @@
 """flashcore-deploy: the validation pipeline that runs the parity suite on a GPU host over SSH (or locally).
 
-One run function (`pipeline.steps.run_host`) behind two shells (`pipeline.cli` and the repository's
-`fabfile.py`). Pure command builders live in `commands`, pure parsers in `parse`, and `remote` is the only
-module that touches a connection.
+Read top to bottom as a run flows; each module imports only those below it:
+
+    cli        flashcore-deploy: flags -> Flags, signals, printing, the exit code   (fabfile.py: a sibling shell)
+    runner     one host: the steps in order, cancellation, cleanup, verdict, the report call (`run_host`)
+    steps      each step: plan(facts) -> operations, conclude(facts, outputs) -> Outcome (both pure)
+    report     one typed result -> Markdown + JSON, rendered once
+    ssh        known_hosts, host-key policy, connect (ProxyJump), the exception map, SSHRemote
+    remote     the command layer over invoke's runners: LocalRemote, cancellation, the process-group kill
+    settings   defaults -> inventory -> ssh_config -> flags, resolved once, every input checked
+    inventory  pydantic models of inventory.yaml      known_hosts  OpenSSH's known_hosts files, read
+    local      facts about this machine (tree, revision, token)
+    commands   pure shell-command builders            parse   pure parsers of remote output
+    results    typed results                          errors  the exception tree, exit codes and verdicts
 """
 
 __all__ = ["__version__"]

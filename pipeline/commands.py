@@ -3,7 +3,8 @@
 Remote layout under the workspace WS (absolute, resolved from the probe's $HOME):
     WS/                 the synced code (flashcore, tests, pyproject ...), imported from here via PYTHONPATH
     WS/.venv/           the --system-site-packages venv built on the host's python (+ a .pth naming its site)
-    WS/.flashcore/      runtime files: hf_token (0600), results/ (parity.json, junit.xml, suite.log), suite.pid
+    WS/.flashcore/      runtime files: lock (+ lock.owner), hf_token (0600), results/ (parity.json, junit.xml,
+                        suite.log), *.pid (the process group of a running install, token check or suite)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ q = shlex.quote
 
 # Root-anchored (leading "/") or any depth; a trailing "/" matches directories only (rsync semantics).
 SYNC_EXCLUDES = (
-    "/.git/", "/.venv/", "/venv/", "/reports/", "/.gpuhost/", "/.tmp/", "/.whl/", "/build/", "/dist/",
+    "/.git", "/.venv/", "/venv/", "/reports/", "/.gpuhost/", "/.tmp/", "/.whl/", "/build/", "/dist/",
     "/.flashcore/", "/.benchmarks/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/",
     "*.pyc", "*.pyo", ".DS_Store",
 )
@@ -26,7 +27,7 @@ GPU_QUERY_FIELDS = (
     "ecc.errors.uncorrected.volatile.total", "mig.mode.current",
 )
 APP_QUERY_FIELDS = ("gpu_uuid", "pid", "process_name", "used_memory")
-PROBE_TOOLS = ("rsync", "timeout", "setsid", "tar", "nvidia-smi")
+PROBE_TOOLS = ("rsync", "timeout", "setsid", "tar", "flock", "base64", "nvidia-smi")
 RESULT_MARKER = "@@result "
 SUITE_TEST = "tests/parity/test_parity_suite.py"
 
@@ -60,22 +61,42 @@ def expand_home(path: str, home: str) -> str:
 
 
 def layout(workspace: str) -> dict[str, str]:
-    ws = workspace.rstrip("/")
+    ws = workspace.rstrip("/") or "/"
     rt = f"{ws}/.flashcore"
     return {
         "workspace": ws, "venv": f"{ws}/.venv", "venv_python": f"{ws}/.venv/bin/python",
-        "runtime": rt, "results": f"{rt}/results", "token": f"{rt}/hf_token", "pidfile": f"{rt}/suite.pid",
+        "runtime": rt, "results": f"{rt}/results", "token": f"{rt}/hf_token",
+        "lock": f"{rt}/lock", "lock_owner": f"{rt}/lock.owner",
+        "install_pid": f"{rt}/install.pid", "token_pid": f"{rt}/token.pid", "suite_pid": f"{rt}/suite.pid",
         "sync_hash": f"{rt}/sync-hash", "wheelhouse": f"{rt}/wheelhouse", "upload": f"{rt}/upload.tar.gz",
     }
 
 
-def probe_command(python: str) -> str:
-    """One round trip: who/where we are, which tools exist, and whether the chosen python runs."""
+def pidfiles(lay: dict[str, str]) -> tuple[str, ...]:
+    """Every process group a run may start on the host."""
+    return lay["install_pid"], lay["token_pid"], lay["suite_pid"]
+
+
+def workspace_shell(workspace: str) -> str:
+    """The workspace as a shell word that the remote shell resolves: `~/x` and `x` are taken from $HOME."""
+    if workspace == "~":
+        return '"$HOME"'
+    if workspace.startswith("~/"):
+        workspace = workspace[2:]
+    return q(workspace) if workspace.startswith("/") else f'"$HOME"/{q(workspace)}'
+
+
+def probe_command(python: str, workspace: str) -> str:
+    """One round trip: who/where we are, which tools exist, whether the chosen python runs, and what the
+    workspace already holds (the tar path's recorded hash, the pushed wheels with their sizes)."""
     lines = ['echo "home=$HOME"', 'echo "user=$(id -un)"', 'echo "os=$(uname -srm)"', 'echo "hostname=$(hostname)"']
     lines += [f'echo "tool.{t}=$(command -v {t} 2>/dev/null)"' for t in PROBE_TOOLS]
     lines.append(f'echo "python_path=$(command -v {q(python)} 2>/dev/null)"')
     lines.append(f"echo \"python_version=$({q(python)} -c 'import sys; print(sys.version.split()[0])' 2>&1 | head -n 1)\"")
-    return "; ".join(lines)
+    lines.append(f"ws={workspace_shell(workspace)}")
+    lines.append('echo "sync_hash=$(cat "$ws/.flashcore/sync-hash" 2>/dev/null)"')
+    lines.append('for f in "$ws"/.flashcore/wheelhouse/*.whl; do [ -f "$f" ] && echo "wheel.${f##*/}=$(wc -c < "$f")"; done')
+    return "; ".join(lines) + "; true"
 
 
 def gpu_query_command() -> str:
@@ -85,19 +106,6 @@ def gpu_query_command() -> str:
     return ("command -v nvidia-smi >/dev/null 2>&1 || { echo '@@no-nvidia-smi'; exit 0; }; "
             f"echo '@@gpus'; {gpu} 2>&1; echo \"@@rc=$?\"; echo '@@apps'; {apps} 2>&1; "
             "echo '@@header'; nvidia-smi 2>&1 | head -n 4")
-
-
-def ssh_command_for_rsync(port: int, identity: str | None, known_hosts: str | None,
-                          connect_timeout: float) -> str:
-    """The `-e` of rsync: the same port, identity and host-key strictness as the pipeline's own connection."""
-    argv = ["ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"ConnectTimeout={max(1, int(connect_timeout))}", "-o", "ServerAliveInterval=15",
-            "-o", "ServerAliveCountMax=4", "-o", "LogLevel=ERROR"]
-    if known_hosts:
-        argv += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
-    if identity:
-        argv += ["-i", identity, "-o", "IdentitiesOnly=yes"]
-    return shlex.join(argv)
 
 
 def rsync_argv(src_dir: str, dest: str, ssh_command: str | None,
@@ -114,13 +122,9 @@ def rsync_argv(src_dir: str, dest: str, ssh_command: str | None,
     return argv + [src_dir.rstrip("/") + "/", dest.rstrip("/") + "/"]
 
 
-def rsync_dest(user: str, address: str, workspace: str) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"{user}@{host}:{workspace}"
-
-
-def read_file_command(path: str) -> str:
-    return f"cat {q(path)} 2>/dev/null || true"
+def read_base64_command(path: str) -> str:
+    """A file as base64 (binary-safe through a text stream; the no-SFTP fallback of `get`); exit 3: no file."""
+    return f"[ -f {q(path)} ] || exit 3; base64 < {q(path)}"
 
 
 def write_stdin_to_file_command(path: str, mode: int = 0o600) -> str:
@@ -128,10 +132,6 @@ def write_stdin_to_file_command(path: str, mode: int = 0o600) -> str:
     parent = path.rsplit("/", 1)[0] or "/"
     return (f"umask 077 && mkdir -p {q(parent)} && rm -f {q(path)} && cat > {q(path)} && "
             f"chmod {mode:o} {q(path)}")
-
-
-def remove_file_command(path: str) -> str:
-    return f"rm -f {q(path)}"
 
 
 def untar_command(archive: str, workspace: str, hash_file: str, content_hash: str) -> str:
@@ -181,30 +181,68 @@ def pytest_argv(python: str, model: str, json_path: str, junit_path: str, device
     return argv
 
 
+def in_group(command: str, pidfile: str) -> str:
+    """`command` as its own session and process group whose id is written to `pidfile` (removed when it ends),
+    so that a later command can kill the whole group (`kill_group_command`): closing the SSH channel does not
+    stop a remote command. stdin passes through; the exit status is the command's."""
+    body = f"echo $$ > {q(pidfile)}; {command}"
+    return f"setsid -w sh -c {q(body)}; rc=$?; rm -f {q(pidfile)}; exit $rc"
+
+
 def suite_command(workspace: str, inner: str, timeout_s: float, kill_after_s: float,
                   env: Mapping[str, str] | None = None) -> str:
     """Run `inner` (a shell command) in the workspace with a remote deadline, as its own process group.
 
-    `setsid` makes `timeout` a session and group leader whose pid lands in suite.pid; at the deadline `timeout`
+    The group's leader `exec`s `timeout`, whose pid is the group id in suite.pid; at the deadline `timeout`
     sends TERM to the whole group (then KILL after `kill_after_s`), so nothing is orphaned. The pipeline's local
     deadline, a little later, kills the same group over a new channel (`kill_group_command`). Output goes to the
     channel (streamed live) and to results/suite.log; the exit status is the suite's (124/137: timed out).
     """
     lay = layout(workspace)
-    rd, pidfile = lay["results"], lay["pidfile"]
+    rd = lay["results"]
     env = dict(env or {})
     extra_path = env.pop("PYTHONPATH", "")
     envs = " ".join(f"{k}={q(v)}" for k, v in sorted(env.items()))
-    body = (f"echo $$ > {q(pidfile)}; cd {q(workspace)} && exec env {pythonpath_env(workspace, extra_path)} "
-            f"PYTHONUNBUFFERED=1 "
+    body = (f"cd {q(workspace)} && exec env {pythonpath_env(workspace, extra_path)} PYTHONUNBUFFERED=1 "
             f"{envs} timeout --signal=TERM --kill-after={int(kill_after_s)} {int(max(1, timeout_s))} sh -c {q(inner)}")
-    return (f"mkdir -p {q(rd)} && rm -f {q(rd)}/parity.json {q(rd)}/junit.xml {q(rd)}/suite.rc {q(pidfile)} && "
-            f"( setsid -w sh -c {q(body)}; echo $? > {q(rd)}/suite.rc ) 2>&1 | tee {q(rd)}/suite.log; "
+    return (f"mkdir -p {q(rd)} && rm -f {q(rd)}/parity.json {q(rd)}/junit.xml {q(rd)}/suite.rc && "
+            f"( ( {in_group(body, lay['suite_pid'])} ); echo $? > {q(rd)}/suite.rc ) 2>&1 | tee {q(rd)}/suite.log; "
             f"exit \"$(cat {q(rd)}/suite.rc 2>/dev/null || echo 255)\"")
 
 
-def kill_group_command(pidfile: str, grace_s: float = 2.0) -> str:
-    """Kill the suite's process group (TERM, then KILL after a grace period) by the pid recorded in `pidfile`."""
-    # `kill -SIG -PGID` without `--`: dash's builtin kill rejects `--`.
-    return (f"pg=$(cat {q(pidfile)} 2>/dev/null); [ -n \"$pg\" ] || exit 0; kill -TERM -\"$pg\" 2>/dev/null; "
-            f"sleep {grace_s:g}; kill -KILL -\"$pg\" 2>/dev/null; true")
+# A shell function: kill the process group recorded in the pidfile $1 (TERM, up to 2 s to go, then KILL).
+# `kill -SIG -PGID` without `--`: dash's builtin kill rejects `--`.
+_KG = ('kg() { pg=$(cat "$1" 2>/dev/null); [ -n "$pg" ] || return 0; kill -TERM -"$pg" 2>/dev/null; i=0; '
+       'while kill -0 -"$pg" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; '
+       'kill -KILL -"$pg" 2>/dev/null; rm -f "$1"; }')
+
+
+def kill_group_command(*pidfiles: str) -> str:
+    """Kill the process groups recorded in `pidfiles` (each: TERM, up to 2 s for it to go, then KILL)."""
+    return "; ".join([_KG, *(f"kg {q(p)}" for p in pidfiles), "true"])
+
+
+def cleanup_command(files: Sequence[str], pidfiles: Sequence[str]) -> str:
+    """The end of every run, one round trip: remove what must not stay (the token, first), kill what may run."""
+    return (("rm -f " + " ".join(q(f) for f in files) + "; ") if files else "") + kill_group_command(*pidfiles)
+
+
+LOCK_WAITING_EXIT = 75
+
+
+def lock_command(lay: dict[str, str], owner: str) -> str:
+    """Hold the workspace lock (flock on WS/.flashcore/lock) for as long as this command's stdin stays open.
+
+    Prints `@@busy <owner>` and exits 75 when another run holds it, else kills what a dead run left behind
+    (its process groups: nothing else can be running them, since the lock was free), records `owner`, prints
+    `@@locked flock=yes|no stale=<pidfiles>`, then waits for stdin to close: that is the end of the run, or of
+    its connection. Then it removes the token file and kills this workspace's process groups: a host-side
+    watchdog that cleans up even when the pipeline cannot reconnect after a dropped connection."""
+    rt, who = lay["runtime"], lay["lock_owner"]
+    stale = " ".join(f'[ -s {q(p)} ] && stale="$stale {p}";' for p in pidfiles(lay))
+    return (f"mkdir -p {q(rt)} && exec 9>>{q(lay['lock'])} || exit 1; "
+            f"if command -v flock >/dev/null 2>&1; then flock -n 9 || "
+            f"{{ echo \"@@busy $(cat {q(who)} 2>/dev/null)\"; exit {LOCK_WAITING_EXIT}; }}; fl=yes; else fl=no; fi; "
+            f"stale=; {stale} {kill_group_command(*pidfiles(lay))}; printf '%s\\n' {q(owner)} > {q(who)}; "
+            f"echo \"@@locked flock=$fl stale=$stale\"; cat > /dev/null; "
+            f"{cleanup_command([lay['token'], who], pidfiles(lay))}")

@@ -79,9 +79,11 @@ class GpuResult:
 
 def status_for(exit_code: int) -> Status:
     """Ansible-recap style state of a run from its exit code (pipeline.errors)."""
+    if exit_code > 128:   # ended by a signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)
+        return "interrupted"
     return {errors.EXIT_OK: "passed", errors.EXIT_PARITY: "failed", errors.EXIT_GPU: "failed",
             errors.EXIT_CONNECT: "unreachable", errors.EXIT_STEP: "error", errors.EXIT_USAGE: "error",
-            errors.EXIT_INTERRUPTED: "interrupted"}.get(exit_code, "unknown")
+            errors.EXIT_BUSY: "error"}.get(exit_code, "unknown")
 
 
 def _number(value: Any) -> float | None:

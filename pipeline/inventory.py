@@ -1,4 +1,5 @@
-"""inventory.yaml: defaults, hosts and groups (pydantic), resolved into one `HostConfig` per target host.
+"""inventory.yaml: defaults, hosts and groups (pydantic). `pipeline.settings` layers it with the built-in defaults,
+~/.ssh/config and the flags into one `HostConfig` per target host.
 
     defaults: {user: root, known_hosts: ~/.ssh/known_hosts, gpu: H100, model: llama-3.1-8b}
     hosts:
@@ -7,13 +8,14 @@
     groups:
       nightly: [runpod-a, lab-b]
 
-Unknown keys and bad values are rejected with the file, the field and why (`InventoryError`, exit 2).
+Unknown keys and bad values are rejected with the file, the field and why (`InventoryError`, exit 2); so is a
+file that is not UTF-8 YAML (binary, invalid UTF-8, nesting deeper than libyaml's 1000 levels) and a mapping with
+a duplicate key (YAML says last-wins; a second `hosts:` or host entry silently replacing the first is a mistake).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import InventoryError, UsageError
 
-DEFAULT_WORKSPACE = "~/flashcore-workspace"
-DEFAULT_MODEL = "llama-3.1-8b"
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_SUITE_TIMEOUT = 1800.0
-DEFAULT_INSTALL_TIMEOUT = 900.0
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL", re.IGNORECASE)
 _CC = re.compile(r"^\d+\.\d+$")
 
@@ -87,9 +84,10 @@ def describe_gpu_requirement(spec: GpuSpec | None) -> str:
 
 class Timeouts(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    connect: float | None = Field(None, gt=0)
-    install: float | None = Field(None, gt=0)
-    suite: float | None = Field(None, gt=0)
+    connect: float | None = Field(None, gt=0, allow_inf_nan=False)
+    install: float | None = Field(None, gt=0, allow_inf_nan=False)
+    suite: float | None = Field(None, gt=0, allow_inf_nan=False)
+    lock: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class HostSettings(BaseModel):
@@ -163,36 +161,6 @@ class Inventory(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class HostConfig:
-    """One host, every setting resolved (CLI > host > defaults > built-in)."""
-
-    name: str
-    address: str
-    port: int = 22
-    user: str = "root"
-    identity: str | None = None
-    known_hosts: str | None = None       # None: ~/.ssh/known_hosts (+ /etc/ssh/ssh_known_hosts)
-    accept_new_host_key: bool = False
-    python: str = "python3"
-    workspace: str = DEFAULT_WORKSPACE
-    gpu: GpuSpec | None = field(default_factory=GpuSpec)
-    model: str = DEFAULT_MODEL
-    model_explicit: bool = False         # False: a host without a GPU falls back to the tiny preset
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    install_timeout: float = DEFAULT_INSTALL_TIMEOUT
-    suite_timeout: float = DEFAULT_SUITE_TIMEOUT
-    env: dict[str, str] = field(default_factory=dict)
-    local: bool = False
-
-    @property
-    def label(self) -> str:
-        return "local" if self.local else f"{self.address}:{self.port}"
-
-    def with_overrides(self, **kw: Any) -> HostConfig:
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
-
-
 def _format_validation(path: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-")) or "(top level)"
@@ -203,28 +171,69 @@ def _format_validation(path: str, err: ValidationError) -> str:
     return f"{path}: {loc}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-def parse_inventory(text: str, path: str = "inventory.yaml") -> Inventory:
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's C parser when present: fast
+    """The safe loader, refusing duplicate keys."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line "
+                                                        f"{seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:      # an unhashable key: construct_mapping says so below
+            continue
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml_error(path: str, text: str, e: yaml.YAMLError) -> InventoryError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}"
+    elif isinstance(getattr(e, "position", None), int):          # a ReaderError: a character YAML refuses
+        where = f"line {text[:e.position].count(chr(10)) + 1}"
+    else:
+        where = "?"
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return InventoryError(f"{path}: {where}: not valid YAML ({problem})")
+
+
+def parse_inventory(text: str | bytes, path: str = "inventory.yaml") -> Inventory:
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = text[:e.start].count(b"\n") + 1
+            raise InventoryError(f"{path}: line {line}: not UTF-8 text (byte 0x{text[e.start]:02x})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise InventoryError(f"{path}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise _yaml_error(path, text, e) from None
+    except RecursionError:     # the pure-Python loader (no libyaml) on absurd nesting
+        raise InventoryError(f"{path}: nested too deeply to be an inventory") from None
     if not isinstance(data, dict):
         raise InventoryError(f"{path}: (top level): expected a mapping with 'hosts'")
     try:
         return Inventory.model_validate(data)
     except ValidationError as e:
         raise InventoryError(_format_validation(path, e)) from None
+    except RecursionError:
+        raise InventoryError(f"{path}: nested too deeply to be an inventory") from None
 
 
 def load_inventory(path: str | Path) -> Inventory:
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        data = p.read_bytes()
     except OSError as e:
         raise InventoryError(f"{path}: cannot read inventory ({e.strerror})") from None
-    return parse_inventory(text, str(path))
+    return parse_inventory(data, str(path))
 
 
 def select_hosts(inv: Inventory, target: str | None) -> list[str]:
@@ -242,34 +251,3 @@ def select_hosts(inv: Inventory, target: str | None) -> list[str]:
         return list(dict.fromkeys(inv.groups[target]))
     known = ", ".join([*inv.hosts, *inv.groups, "all"])
     raise UsageError(f"unknown target {target!r} (known: {known})")
-
-
-def resolve_host(inv: Inventory, name: str) -> HostConfig:
-    host = inv.hosts[name]
-    d = inv.defaults
-
-    def pick(key: str) -> Any:
-        v = getattr(host, key)
-        return v if v is not None else getattr(d, key)
-
-    gpu_raw = pick("gpu")
-    timeouts = {**(d.timeouts.model_dump(exclude_none=True) if d.timeouts else {}),
-                **(host.timeouts.model_dump(exclude_none=True) if host.timeouts else {})}
-    model = pick("model")
-    return HostConfig(
-        name=name,
-        address=host.address,
-        port=pick("port") or 22,
-        user=pick("user") or "root",
-        identity=pick("identity"),
-        known_hosts=pick("known_hosts"),
-        python=pick("python") or "python3",
-        workspace=pick("workspace") or DEFAULT_WORKSPACE,
-        gpu=parse_gpu_requirement(gpu_raw) if gpu_raw is not None else GpuSpec(name="H100"),
-        model=model or DEFAULT_MODEL,
-        model_explicit=model is not None,
-        connect_timeout=timeouts.get("connect", DEFAULT_CONNECT_TIMEOUT),
-        install_timeout=timeouts.get("install", DEFAULT_INSTALL_TIMEOUT),
-        suite_timeout=timeouts.get("suite", DEFAULT_SUITE_TIMEOUT),
-        env={**(d.env or {}), **(host.env or {})},
-    )

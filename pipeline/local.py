@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import subprocess
@@ -68,15 +67,19 @@ def make_tarball(tree: CodeTree) -> bytes:
 
 
 def git_revision(root: Path = REPO_ROOT) -> str:
-    """`<sha>` or `<sha>+dirty`, or '' outside a git checkout."""
+    """`<sha>` or `<sha>+dirty` of the checkout at `root` itself, or '' when `root` is not the top of a git
+    checkout (a copy nested inside another repository must not report that repository's commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != Path(root).resolve():
+            return ""
+        sha = git("rev-parse", "--short=12", "HEAD")
         if not sha:
             return ""
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -92,14 +95,16 @@ def requirements(root: Path = REPO_ROOT) -> list[str]:
         return re.findall(r'"([^"]+)"', block.group(1)) if block else []
 
 
-def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str]) -> str:
-    script = (REMOTE_SCRIPTS / "install.py").read_bytes()
-    blob = json.dumps({"reqs": reqs, "python": python, "wheels": sorted(wheel_names)}, sort_keys=True).encode()
-    return hashlib.sha256(blob + hashlib.sha256(script).digest()).hexdigest()[:16]
+def remote_scripts() -> dict[str, bytes]:
+    """The scripts the steps feed to the host's python on stdin."""
+    return {p.name: p.read_bytes() for p in REMOTE_SCRIPTS.glob("*.py")}
 
 
-def remote_script(name: str) -> bytes:
-    return (REMOTE_SCRIPTS / name).read_bytes()
+def wheels(wheelhouse: str | None) -> tuple[tuple[str, int], ...]:
+    """(path, size) of the wheelhouse's .whl files."""
+    if not wheelhouse:
+        return ()
+    return tuple((str(p), p.stat().st_size) for p in sorted(Path(wheelhouse).expanduser().glob("*.whl")))
 
 
 def hf_token(environ: dict[str, str] | None = None) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -169,6 +170,12 @@ def tail(text: str, lines: int = 40, max_chars: int = 6000) -> str:
     return out[-max_chars:]
 
 
+def brief(text: str, lines: int = 3, max_chars: int = 300) -> str:
+    """The last non-empty lines of an output as ONE line (for error messages: one line on stderr)."""
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " / ".join(kept)[-max_chars:] or "no output"
+
+
 def redact(text: str, secrets: list[str]) -> str:
     for s in secrets:
         if s and len(s) >= 4:
@@ -190,3 +197,19 @@ def parity_summary(doc: dict[str, Any] | None) -> tuple[bool | None, str]:
     if failed:
         text += " (failed: " + ", ".join(failed) + ")"
     return passed, text
+
+
+def model_not_loaded(doc: dict[str, Any]) -> str:
+    """Why the suite's model did not load ('' when it did): every scenario then fails unevaluated with
+    "model ... did not load" (flashcore.parity.suite). Not a parity failure: the kernels never ran."""
+    scen = [s for s in doc.get("scenarios") or [] if isinstance(s, dict)]
+    why = [str(s.get("summary", "")) for s in scen]
+    if scen and all("did not load" in w for w in why):
+        return why[0]
+    return ""
+
+
+def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str], install_script: bytes) -> str:
+    """The key of a workspace venv: the dependency spec, the host python, the wheels and the install script."""
+    blob = json.dumps({"reqs": reqs, "python": python, "wheels": sorted(wheel_names)}, sort_keys=True).encode()
+    return hashlib.sha256(blob + hashlib.sha256(install_script).digest()).hexdigest()[:16]

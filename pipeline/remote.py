@@ -1,18 +1,23 @@
-"""The one I/O layer: a host reached over SSH (Fabric Connection / paramiko) or this machine (subprocess),
-behind the same interface: run (timeout + streaming + stdin), put, get, put_bytes (through stdin), close.
+"""The one I/O layer for commands: a host over SSH (`pipeline.ssh.SSHRemote`) or this machine (`LocalRemote`),
+behind one interface: run (timeout, live output, stdin, cancellation), hold (a command that keeps running: the
+workspace lock), put/get (SFTP, or the exec channel where a host has none), kill_group, close.
 
-Host keys are strict: known_hosts (the given file, or ~/.ssh/known_hosts + /etc/ssh/ssh_known_hosts); an
-unknown key is refused unless accept_new (recorded, like OpenSSH's accept-new); a changed key is always refused.
+Commands run through invoke's runners (`invoke.runners.Local`, Fabric's `Remote`): they own the threads, the
+streams, `warn`/`hide` and the timeout. What they lack is written here, and only that:
+- stdin fed at once: invoke's stdin pump reads one character per 10 ms (it is built for an interactive
+  terminal); a 7 KB script would take over a minute, so a script or a token is written in one go and closed;
+- cancellation: a run observes its `Cancel` (set by the CLI's signal handler) while a command runs;
+- the process-group kill: closing the channel (invoke's `kill`) leaves the remote command running, so a long
+  command runs as its own process group whose id is in a pidfile, and a NEW command kills that group.
 """
 
 from __future__ import annotations
 
-import codecs
+import base64
+import io
 import os
-import select
-import shlex
 import shutil
-import socket
+import signal
 import subprocess
 import threading
 import time
@@ -20,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import commands
-from pipeline.errors import AuthenticationError, HostKeyError, UnreachableError
-from pipeline.inventory import HostConfig
+from invoke.exceptions import CommandTimedOut, Failure, ThreadException
+from invoke.runners import Local
+
+from pipeline import commands, parse
+from pipeline.errors import Interrupted, StepError, UnreachableError
 
 OutputFn = Callable[[str], None]
-KEEPALIVE_S = 15
+POLL_S = 0.05
 
 
 @dataclass
@@ -46,64 +53,234 @@ class CommandResult:
         return self.stdout + (("\n" + self.stderr) if self.stderr.strip() else "")
 
 
+class Cancel:
+    """Set once by the CLI's signal handler (SIGINT, SIGTERM, SIGHUP); every active run observes it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+
+    def set(self, signum: int) -> None:
+        if not self.event.is_set():
+            self.signum = signum
+            self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self.event.wait(seconds)
+
+    def error(self, where: str) -> Interrupted:
+        from pipeline.errors import signal_name
+        return Interrupted(f"interrupted ({signal_name(self.signum)}) during {where}", self.signum)
+
+
 class _Lines:
-    """Incremental decoder that hands complete lines to a callback (the live stream)."""
+    """invoke's out_stream: hands complete lines to a callback (the live stream) as they arrive."""
 
     def __init__(self, fn: OutputFn | None):
-        self.fn, self.buf, self.parts = fn, "", []
-        self.dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self.fn, self.buf = fn, ""
 
-    def feed(self, data: bytes) -> None:
-        text = self.dec.decode(data)
-        self.parts.append(text)
+    def write(self, text: str) -> None:
         if self.fn:
             self.buf += text
             *lines, self.buf = self.buf.split("\n")
             for line in lines:
                 self.fn(line)
 
-    def close(self) -> str:
-        text = self.dec.decode(b"", final=True)
-        self.parts.append(text)
-        if self.fn and (self.buf + text):
-            self.fn(self.buf + text)
-        return "".join(self.parts)
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fn and self.buf:
+            self.fn(self.buf)
+        self.buf = ""
+
+
+class FeedStdinAtOnce:
+    """Mixed into invoke's runners: the whole of `in_stream` (bytes) is written at once, then stdin is closed."""
+
+    def handle_stdin(self, input_, output, echo=False):
+        data = input_.read()
+        if data:
+            self._write_proc_stdin(data)
+        self.close_proc_stdin()
+
+
+class _LocalRunner(FeedStdinAtOnce, Local):
+    """invoke's Local runner, each command in a session of its own: `kill` ends the whole command (invoke's
+    kills only the shell, leaving its children holding the pipes open)."""
+
+    def start(self, command: str, shell: str, env: dict) -> None:
+        self.process = subprocess.Popen(command, shell=True, executable=shell, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, stdin=subprocess.PIPE, start_new_session=True)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _write_proc_stdin(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.process.stdin.fileno(), view):]
+        except BrokenPipeError:
+            pass
+
+
+class Held:
+    """A command kept running (the lock holder): `first` is its first marker line; `release()` ends it."""
+
+    def __init__(self, runner, promise, lines: list[str]):
+        self.runner, self.promise, self.lines = runner, promise, lines
+
+    @property
+    def running(self) -> bool:
+        return not self.runner.process_is_finished
+
+    def release(self, wait_s: float = 15) -> None:
+        """Close its stdin (the holder then cleans up and exits, releasing the lock); kill it if it lingers."""
+        try:
+            self.runner.close_proc_stdin()
+        except Exception:  # noqa: BLE001 - a dead connection: nothing to close
+            pass
+        deadline = time.monotonic() + wait_s
+        while not self.runner.process_is_finished and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        if not self.runner.process_is_finished:
+            self.runner.kill()
+        _join_quietly(self.promise)
 
 
 class Remote:
-    label: str = ""
-    local: bool = False
+    """Shared by both backends: the run loop over an invoke runner, holds, exec-channel transfers, group kill."""
 
-    def run(self, command: str, *, timeout: float, stdin: bytes | None = None,
-            on_output: OutputFn | None = None, pidfile: str | None = None) -> CommandResult:
+    label = ""
+    local = False
+
+    def __init__(self, cancel: Cancel | None = None):
+        self.cancel = cancel or Cancel()
+        self.notes: list[str] = []            # what the backend had to work around (no SFTP ...)
+
+    # -- backend hooks
+    def _runner(self):
         raise NotImplementedError
 
+    def _shell(self) -> dict:
+        return {}
+
+    def alive(self) -> bool:
+        return True
+
+    # -- commands
+    def _start(self, command: str, *, timeout: float | None, stdin: bytes | None, keep_stdin: bool,
+               on_output: OutputFn | None):
+        runner = self._runner()
+        out, err = _Lines(on_output), _Lines(on_output)
+        promise = runner.run(command, asynchronous=True, hide=False, warn=True, pty=False, echo=False,
+                             encoding="utf-8", timeout=timeout, out_stream=out, err_stream=err,
+                             in_stream=False if keep_stdin else io.BytesIO(stdin or b""), **self._shell())
+        return runner, promise, (out, err)
+
+    def run(self, command: str, *, timeout: float, stdin: bytes | None = None, on_output: OutputFn | None = None,
+            pidfile: str | None = None) -> CommandResult:
+        """Run `command` to its end (or its timeout, or a cancellation). A command with a `pidfile` runs as its
+        own process group (`commands.in_group`), which is killed over a new command when it must stop early."""
+        if self.cancel.is_set():
+            raise self.cancel.error("a command")
+        t0 = time.monotonic()
+        runner, promise, streams = self._start(command, timeout=timeout, stdin=stdin, keep_stdin=False,
+                                               on_output=on_output)
+        try:
+            while not (runner.process_is_finished or runner.has_dead_threads):
+                if self.cancel.wait(POLL_S):
+                    self._stop(runner, promise, pidfile)
+                    raise self.cancel.error("a command")
+        except KeyboardInterrupt:          # no signal handler installed (a library caller): stop it all the same
+            self._stop(runner, promise, pidfile)
+            raise
+        timed_out = False
+        try:
+            res = promise.join()
+        except CommandTimedOut as e:
+            res, timed_out = e.result, True
+            self.kill_group(pidfile)
+        except (ThreadException, Failure) as e:
+            raise self._lost(f"command failed on our side ({type(e).__name__})") from None
+        for s in streams:
+            s.close()
+        if not timed_out and res.exited == -1 and not self.alive():
+            raise self._lost("the SSH connection dropped")
+        return CommandResult(command, 124 if timed_out else res.exited, res.stdout, res.stderr,
+                             time.monotonic() - t0, timed_out)
+
+    def _stop(self, runner, promise, pidfile: str | None) -> None:
+        """A command that must end now: its channel (or local session) closed, its process group killed."""
+        runner.kill()
+        try:
+            self.kill_group(pidfile)
+        except UnreachableError:           # the connection is gone too: the run's cleanup reconnects for it
+            pass
+        _join_quietly(promise)
+
+    def _lost(self, why: str) -> UnreachableError:
+        return UnreachableError(f"{self.label}: {why}")
+
+    def hold(self, command: str, timeout: float) -> tuple[Held | None, list[str]]:
+        """Start `command` with stdin left open and wait for its first `@@` marker line. Returns (the running
+        command, its lines) when it is still running, else (None, its lines)."""
+        lines: list[str] = []
+        runner, promise, _ = self._start(command, timeout=None, stdin=None, keep_stdin=True, on_output=lines.append)
+        deadline = time.monotonic() + timeout
+        while not any(x.startswith("@@") for x in lines) and not runner.process_is_finished:
+            if self.cancel.wait(POLL_S) or time.monotonic() > deadline:
+                Held(runner, promise, lines).release(wait_s=0)
+                if self.cancel.is_set():
+                    raise self.cancel.error("the workspace lock")
+                raise StepError(f"the lock command gave no answer within {timeout:g} s: {' '.join(lines)[-300:]}")
+        if runner.process_is_finished:
+            _join_quietly(promise)
+            return None, lines
+        return Held(runner, promise, lines), lines
+
+    def kill_group(self, pidfile: str | None) -> None:
+        """Kill the process group recorded in `pidfile` (TERM, then KILL) through a new command."""
+        if not pidfile:
+            return
+        runner, promise, _ = self._start(commands.kill_group_command(pidfile), timeout=30, stdin=None,
+                                         keep_stdin=False, on_output=None)
+        _join_quietly(promise)
+
+    # -- files
     def put(self, local_path: str, remote_path: str) -> None:
-        raise NotImplementedError
+        self.put_bytes(Path(local_path).read_bytes(), remote_path)
+
+    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o644) -> None:
+        """Over the exec channel: the bytes go through a command's stdin (never argv)."""
+        res = self.run(commands.write_stdin_to_file_command(remote_path, mode), timeout=600, stdin=data)
+        if not res.ok:
+            raise StepError(f"cannot write {remote_path} on the host: {parse.brief(res.output)}")
 
     def get(self, remote_path: str, local_path: str) -> bool:
-        raise NotImplementedError
-
-    def put_bytes(self, data: bytes, remote_path: str, mode: int = 0o600, timeout: float = 30) -> CommandResult:
-        """Write `data` to `remote_path` through the command's stdin (never argv), created with `mode`."""
-        return self.run(commands.write_stdin_to_file_command(remote_path, mode), timeout=timeout, stdin=data)
-
-    def put_data(self, data: bytes, remote_path: str) -> None:
-        raise NotImplementedError
+        """Over the exec channel: base64 of the file (binary-safe through a text stream). False: no such file."""
+        res = self.run(commands.read_base64_command(remote_path), timeout=600)
+        if res.exit_code == 3:
+            return False
+        if not res.ok:
+            raise StepError(f"cannot read {remote_path} from the host: {parse.brief(res.output)}")
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(local_path).write_bytes(base64.b64decode("".join(res.stdout.split())))
+        return True
 
     def rsync_target(self, workspace: str) -> tuple[str, str | None]:
-        """(destination, ssh -e command or None) for a local rsync client."""
+        """(destination, `-e` ssh command or None) for a local rsync client."""
         raise NotImplementedError
 
-    def rsync(self, argv: list[str], timeout: float) -> CommandResult:
-        """Run the local rsync client (argv from `commands.rsync_argv`)."""
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            return CommandResult(shlex.join(argv), 124, str(e.stdout or ""), str(e.stderr or ""),
-                                 time.monotonic() - t0, True)
-        return CommandResult(shlex.join(argv), p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+    def reconnect(self) -> Remote:
+        return self
 
     def close(self) -> None:
         pass
@@ -115,59 +292,28 @@ class Remote:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------- local backend
+def _join_quietly(promise) -> None:
+    try:
+        promise.join()
+    except Exception:  # noqa: BLE001 - a killed command's result is of no interest
+        pass
 
 
 class LocalRemote(Remote):
-    """This machine, through /bin/sh: the same commands the SSH backend runs, without SSH."""
+    """This machine, through /bin/sh and invoke's Local runner: the same commands the SSH backend runs."""
 
     local = True
 
-    def __init__(self, label: str = "local"):
+    def __init__(self, cancel: Cancel | None = None, label: str = "local"):
+        super().__init__(cancel)
         self.label = label
 
-    def run(self, command, *, timeout, stdin=None, on_output=None, pidfile=None):
-        t0 = time.monotonic()
-        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-        out, err = _Lines(on_output), _Lines(on_output)
-        readers = [threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
-                   threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True)]
-        for t in readers:
-            t.start()
-        try:
-            if stdin:
-                proc.stdin.write(stdin)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        timed_out = False
-        try:
-            proc.wait(timeout=max(0.0, timeout))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self._kill(proc, pidfile)
-        except KeyboardInterrupt:
-            self._kill(proc, pidfile)
-            raise
-        for t in readers:
-            t.join(timeout=5)
-        code = proc.returncode if proc.returncode is not None else -1
-        return CommandResult(command, 124 if timed_out else code, out.close(), err.close(),
-                             time.monotonic() - t0, timed_out)
+    def _runner(self):
+        from invoke import Config, Context
+        return _LocalRunner(Context(config=Config(lazy=True)))
 
-    def _kill(self, proc: subprocess.Popen, pidfile: str | None) -> None:
-        if pidfile:
-            subprocess.run(["/bin/sh", "-c", commands.kill_group_command(pidfile, 1)], timeout=30)
-        try:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=3)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+    def _shell(self) -> dict:
+        return {"shell": "/bin/sh"}
 
     def put(self, local_path, remote_path):
         Path(remote_path).parent.mkdir(parents=True, exist_ok=True)
@@ -180,231 +326,5 @@ class LocalRemote(Remote):
         shutil.copyfile(remote_path, local_path)
         return True
 
-    def put_data(self, data, remote_path):
-        Path(remote_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(remote_path).write_bytes(data)
-
     def rsync_target(self, workspace):
         return workspace, None
-
-
-def _pump(stream, lines: _Lines) -> None:
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        lines.feed(chunk)
-
-
-# ------------------------------------------------------------------------------------------------ SSH backend
-
-
-class _AcceptNew:
-    """paramiko policy: record an unknown host key in the known_hosts file (OpenSSH's accept-new)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def missing_host_key(self, client, hostname, key):
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-
-
-class _Strict:
-    def __init__(self, where: str):
-        self.where = where
-
-    def missing_host_key(self, client, hostname, key):
-        raise HostKeyError(f"{hostname}: unknown host key ({key.get_name()} {_fingerprint(key)}), not in "
-                           f"{self.where}; refusing (pass --accept-new-host-key to record it, or add it to "
-                           "known_hosts)")
-
-
-def _fingerprint(key) -> str:
-    import base64
-    import hashlib
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-class SSHRemote(Remote):
-    def __init__(self, cfg: HostConfig, connection):
-        self.cfg, self.conn = cfg, connection
-        self.label = cfg.label
-
-    @classmethod
-    def connect(cls, cfg: HostConfig) -> SSHRemote:
-        return cls(cfg, _open_connection(cfg))
-
-    def _transport(self):
-        t = self.conn.transport
-        if t is None or not t.is_active():
-            raise UnreachableError(f"{self.label}: the SSH connection dropped")
-        return t
-
-    def run(self, command, *, timeout, stdin=None, on_output=None, pidfile=None):
-        from paramiko.ssh_exception import SSHException
-
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        out, err = _Lines(on_output), _Lines(on_output)
-        timed_out = False
-        chan = None
-        try:
-            chan = self._transport().open_session(timeout=self.cfg.connect_timeout)
-            chan.exec_command(command)
-            if stdin:
-                chan.sendall(stdin)
-            chan.shutdown_write()
-            while True:
-                # short waits: paramiko's channel fd does not wake select() for an exit status without data
-                select.select([chan], [], [], 0.01 if time.monotonic() - t0 < 2 else 0.1)
-                while chan.recv_ready():
-                    out.feed(chan.recv(65536))
-                while chan.recv_stderr_ready():
-                    err.feed(chan.recv_stderr(65536))
-                if (chan.exit_status_ready() and chan.eof_received and not chan.recv_ready()
-                        and not chan.recv_stderr_ready()):
-                    break
-                if time.monotonic() > deadline:
-                    timed_out = True
-                    break
-                self._transport()
-            code = 124 if timed_out else chan.recv_exit_status()
-        except KeyboardInterrupt:
-            self._abort(chan, pidfile)
-            raise
-        except (SSHException, EOFError, OSError, UnreachableError) as e:
-            if pidfile:  # the command may still run on the host: kill its group through a fresh connection
-                self._abort(None, pidfile)
-            raise UnreachableError(f"{self.label}: the SSH connection dropped ({type(e).__name__}: {e})") from e
-        if timed_out:
-            self._abort(chan, pidfile)
-        else:
-            chan.close()
-        return CommandResult(command, code, out.close(), err.close(), time.monotonic() - t0, timed_out)
-
-    def _abort(self, chan, pidfile: str | None) -> None:
-        """Close the channel and kill the remote process group over a NEW channel (new connection if needed)."""
-        if chan is not None:
-            chan.close()
-        if not pidfile:
-            return
-        kill = commands.kill_group_command(pidfile)
-        try:
-            self.run(kill, timeout=20)
-            return
-        except Exception:  # noqa: BLE001 - the old transport is unusable: try a fresh connection
-            pass
-        try:
-            fresh = SSHRemote.connect(self.cfg)
-            try:
-                fresh.run(kill, timeout=20)
-            finally:
-                fresh.close()
-        except Exception:  # noqa: BLE001 - best effort; the remote `timeout` still ends it
-            pass
-
-    def _sftp(self):
-        try:
-            return self.conn.sftp()
-        except Exception as e:  # noqa: BLE001
-            raise UnreachableError(f"{self.label}: SFTP unavailable ({e})") from e
-
-    def put(self, local_path, remote_path):
-        self._sftp().put(local_path, remote_path)
-
-    def put_data(self, data, remote_path):
-        import io
-        self._sftp().putfo(io.BytesIO(data), remote_path)
-
-    def get(self, remote_path, local_path):
-        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._sftp().get(remote_path, local_path)
-            return True
-        except FileNotFoundError:
-            Path(local_path).unlink(missing_ok=True)
-            return False
-        except OSError as e:
-            if getattr(e, "errno", None) == 2:
-                Path(local_path).unlink(missing_ok=True)
-                return False
-            raise
-
-    def rsync_target(self, workspace):
-        cfg = self.cfg
-        ssh = commands.ssh_command_for_rsync(
-            cfg.port, _expand(cfg.identity), str(_known_hosts_path(cfg)) if cfg.known_hosts else None,
-            cfg.connect_timeout)
-        return commands.rsync_dest(cfg.user, cfg.address, workspace), ssh
-
-    def close(self):
-        try:
-            self.conn.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _expand(path: str | None) -> str | None:
-    return os.path.expanduser(path) if path else None
-
-
-def _known_hosts_path(cfg: HostConfig) -> Path:
-    return Path(os.path.expanduser(cfg.known_hosts or "~/.ssh/known_hosts"))
-
-
-def _open_connection(cfg: HostConfig):
-    from fabric import Connection
-    from paramiko import SSHClient
-    from paramiko.ssh_exception import (AuthenticationException, BadHostKeyException, NoValidConnectionsError,
-                                        SSHException)
-
-    client = SSHClient()
-    kh = _known_hosts_path(cfg)
-    if cfg.known_hosts:
-        if kh.exists():
-            client.load_host_keys(str(kh))
-        elif not cfg.accept_new_host_key:
-            raise HostKeyError(f"{cfg.label}: known_hosts file {kh} does not exist (strict host keys; "
-                               "--accept-new-host-key creates it)")
-    else:
-        for system in (kh, Path("/etc/ssh/ssh_known_hosts")):
-            if system.is_file():
-                client.load_system_host_keys(str(system))
-    client.set_missing_host_key_policy(_AcceptNew(kh) if cfg.accept_new_host_key else _Strict(str(kh)))
-    identity = _expand(cfg.identity)
-    if identity and not Path(identity).is_file():
-        raise AuthenticationError(f"{cfg.label}: identity file {cfg.identity} not found")
-    kwargs = {"banner_timeout": cfg.connect_timeout, "auth_timeout": cfg.connect_timeout,
-              "look_for_keys": identity is None, "allow_agent": identity is None}
-    if identity:
-        kwargs["key_filename"] = [identity]
-    conn = Connection(host=cfg.address, user=cfg.user, port=cfg.port, connect_timeout=cfg.connect_timeout,
-                      connect_kwargs=kwargs)
-    conn.client = client  # our host-key policy instead of Fabric's AutoAddPolicy
-    where = f"{cfg.user}@{cfg.address}:{cfg.port}"
-    try:
-        conn.open()
-    except HostKeyError:
-        raise
-    except BadHostKeyException as e:
-        raise HostKeyError(f"{where}: host key CHANGED (server offers {_fingerprint(e.key)}, known_hosts {kh} "
-                           "has another); refusing. If the host was rebuilt, remove the old entry: "
-                           f"ssh-keygen -R '[{cfg.address}]:{cfg.port}' -f {kh}") from None
-    except AuthenticationException as e:
-        raise AuthenticationError(f"{where}: authentication failed "
-                                  f"({'key ' + cfg.identity if cfg.identity else 'default keys/agent'}): {e}") from None
-    except NoValidConnectionsError as e:
-        reasons = "; ".join(sorted({os.strerror(x.errno) if x.errno else str(x) for x in e.errors.values()}))
-        raise UnreachableError(f"{where}: cannot connect ({reasons})") from None
-    except (TimeoutError, socket.timeout):
-        raise UnreachableError(f"{where}: connection timed out after {cfg.connect_timeout:g} s") from None
-    except socket.gaierror as e:
-        raise UnreachableError(f"{where}: cannot resolve {cfg.address} ({e.strerror})") from None
-    except (SSHException, EOFError, OSError) as e:
-        raise UnreachableError(f"{where}: SSH failed ({type(e).__name__}: {e})") from None
-    conn.transport.set_keepalive(KEEPALIVE_S)
-    return conn
-
-
-def connect(cfg: HostConfig) -> Remote:
-    return LocalRemote() if cfg.local else SSHRemote.connect(cfg)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 REPORT_SCHEMA = "flashcore.report/1"
 StepStatus = Literal["ok", "failed", "skipped"]
-STEP_NAMES = ("connect", "gpu", "sync", "install", "token", "suite", "report")
+STEP_NAMES = ("connect", "lock", "gpu", "sync", "install", "token", "suite", "report")
 SKIPPABLE_STEPS = ("gpu", "sync", "install", "token", "suite")
 
 
@@ -80,8 +80,9 @@ class HostRunResult:
     exit_code: int = 0
     error: str = ""
     notes: list[str] = field(default_factory=list)
+    left_behind: list[str] = field(default_factory=list)   # what the cleanup could not remove from the host
     reproduce: str = ""
-    artifacts: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
 
     def step(self, name: str) -> StepResult | None:
         return next((s for s in self.steps if s.name == name), None)

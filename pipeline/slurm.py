@@ -43,8 +43,8 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline import commands, parse
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARITY, EXIT_STEP, StepError
-from pipeline.inventory import DEFAULT_MODEL
+from pipeline.errors import EXIT_OK, EXIT_SIGINT, EXIT_PARITY, EXIT_STEP, StepError
+from pipeline.settings import DEFAULTS
 from pipeline.results import GpuInfo, HostRunResult, StepResult
 
 q = shlex.quote
@@ -106,7 +106,7 @@ class SlurmConfig(BaseModel):
     time: str = Field("00:30:00", description="each task's Slurm time limit (sbatch --time)")
     sbatch_options: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --qos=debug")
     python: str | None = Field(None, description="python on the nodes; default WS/.venv/bin/python")
-    model: str | None = Field(None, description=f"default {DEFAULT_MODEL} on GPUs, {TINY} on CPU tasks")
+    model: str | None = Field(None, description=f"default {DEFAULTS.model} on GPUs, {TINY} on CPU tasks")
     setup: list[str] = Field(default_factory=list, description="shell lines each task runs first (module load ...)")
     env: dict[str, str] = Field(default_factory=dict, description="for the Slurm commands and every task")
     max_parallel: int | None = Field(None, ge=1, description="array throttle: at most N tasks at once")
@@ -170,7 +170,7 @@ class SlurmConfig(BaseModel):
 
     @property
     def suite_model(self) -> str:
-        return self.model or (DEFAULT_MODEL if self.uses_gpu else TINY)
+        return self.model or (DEFAULTS.model if self.uses_gpu else TINY)
 
     def with_home(self, home: str) -> SlurmConfig:
         """The workspace made absolute with the login node's $HOME (as the SSH steps do)."""
@@ -662,12 +662,12 @@ def task_verdict(rec: TaskRecord, parity_passed: bool | None, ended_by: str) -> 
     if parity_passed is False:
         return "FAILED: parity", EXIT_PARITY
     if rec.state_at_cancel and ended_by == "interrupted":
-        return "INTERRUPTED", EXIT_INTERRUPTED
+        return "INTERRUPTED", EXIT_SIGINT
     return f"ERROR: {rec.state}{why}", EXIT_STEP
 
 
 def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict | None = None) -> HostRunResult:
-    """One task as the HostRunResult an SSH run produces (schema flashcore.report/1), so report.write_report and
+    """One task as the HostRunResult an SSH run produces (schema flashcore.report/1), so report.write and
     the fleet summary take it as they are: host = the node, one GpuInfo (CUDA_VISIBLE_DEVICES' index, UUID, name)
     or none for CPU tasks, the suite's parity document, and one `suite` step that says what Slurm said."""
     passed, summary = parse.parity_summary(parity)

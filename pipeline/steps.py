@@ -1,50 +1,167 @@
-"""The ordered steps and `run_host`, the one run function behind `flashcore-deploy` and `fab validate`.
+"""The steps, as data (pyinfra's operations are the model): each step's `plan(facts)` returns the operations it
+needs, built from what is known so far, and its `conclude(facts, outputs)` turns their outputs into an Outcome
+(a StepResult plus what was learned). Both are pure: no connection, no clock, no file written. `runner.py`
+executes the plans (timeouts, cancellation, cleanup, verdict, report); `--dry-run` prints them.
 
-    connect -> gpu -> sync -> install -> token -> suite -> report (always)
+    connect -> lock -> gpu -> sync -> install -> token -> suite          (then the report, always)
 
-Each step returns a StepResult or raises a PipelineError (which fails that step, skips the rest, and picks the
-exit code). `run_host` keeps no global state: everything lives in a per-run `_Run`, so hosts (or GPUs) can
-later run in parallel.
+Adding a step is one plan function, one conclude function and one line in STEPS.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shlex
-import shutil
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from typing import Any, Union
 
-from pipeline import commands, local, parse
-from pipeline.errors import (AuthenticationError, CommandTimeout, ConnectError, GpuRequirementError, HostKeyError,
-                             Interrupted, ParityFailure, PipelineError, StepError)
-from pipeline.inventory import HostConfig, describe_gpu_requirement
-from pipeline.remote import CommandResult, Remote, connect
-from pipeline.results import HostRunResult, StepResult, SyncFacts
+from pipeline import commands, parse
+from pipeline.errors import (BusyError, CommandTimeout, GpuRequirementError, ParityFailure, PipelineError,
+                             StepError)
+from pipeline.local import CodeTree
+from pipeline.remote import CommandResult
+from pipeline.results import GpuInfo, StepResult, SyncFacts
+from pipeline.settings import HostConfig
 
 TINY = "tiny"
 FORWARDED_ENV = ("HF_ENDPOINT",)  # non-secret settings taken from the operator's environment
 
 
+# ------------------------------------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class Run:
+    """A shell command on the host (through /bin/sh with --local)."""
+
+    command: str
+    timeout: float
+    stdin: bytes | None = field(default=None, repr=False)
+    stdin_label: str = ""          # what the dry run shows instead of the bytes (a script's name, "<the HF token>")
+    pidfile: str | None = None     # it runs as its own process group: killed on timeout, cancel, dropped connection
+    stream: bool = False           # its output is shown live
+    cleanup: str | None = None     # a file this command creates that must not outlive the run (the token)
+
+
+@dataclass(frozen=True)
+class Rsync:
+    """The local rsync client, into the workspace, over the run's own SSH settings."""
+
+    source: str
+    workspace: str
+    prepare: str | None = None     # a remote shell command run first in rsync's own session (--rsync-path)
+    timeout: float = 600
+
+
+@dataclass(frozen=True)
+class PutTarball:
+    """The code tree as a gzipped tarball (the fallback without rsync on one end); its output: bytes sent."""
+
+    remote_path: str
+
+
+@dataclass(frozen=True)
+class Put:
+    local_path: str
+    remote_path: str
+
+
+@dataclass(frozen=True)
+class Get:
+    """A file from the host, kept beside the report as REPORT_DIR/<stem>/<name>; its output is its text or None."""
+
+    remote_path: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A command kept running until the run ends (the workspace lock); its output is a HoldOutput."""
+
+    command: str
+    wait_s: float                  # how long to keep trying while another run holds it
+
+
 @dataclass
-class RunOptions:
+class HoldOutput:
+    held: bool
+    lines: list[str]
+    waited_s: float
+
+
+Op = Union[Run, Rsync, PutTarball, Put, Get, Hold]
+
+
+# ------------------------------------------------------------------------------------------------ facts
+
+
+@dataclass
+class Here:
+    """Facts about the operator's machine, gathered once before the first step (pipeline.local)."""
+
+    tree: CodeTree
+    revision: str
+    requirements: list[str]
+    scripts: dict[str, bytes] = field(repr=False)
+    wheels: tuple[tuple[str, int], ...] = ()          # (path, size) of --wheelhouse's .whl files
+    token: str = field(default="", repr=False)         # never in a repr, a log or a command line
+    token_source: str = ""
+    rsync: bool = False                                # rsync and ssh clients on this machine
+    environ: dict[str, str] = field(default_factory=dict)   # FORWARDED_ENV found here
+    owner: str = ""                                    # this run, as the lock shows it: user@machine, pid, since
+
+
+@dataclass
+class Facts:
+    """What the steps know: the host's config, this machine's facts, then what each step learned."""
+
+    cfg: HostConfig
+    here: Here
     skip: frozenset[str] = frozenset()
-    wheelhouse: str | None = None
-    report_dir: str = "reports"
-    template: str | None = None
-    suite_command: str | None = None    # testing aid: replaces the pytest invocation (see --suite-command)
+    suite_command: str | None = None
     kill_after_s: float = 10.0
-    reproduce: str = ""
-    debug: bool = False
-    out: Callable[[str], None] = print
-    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    code_root: Path = field(default_factory=local.find_code_root)
+    probe: dict[str, str] = field(default_factory=dict)
+    lay: dict[str, str] = field(default_factory=dict)
+    model: str = ""
+    device: str = ""
+    workspace: str = ""
+    gpus: list[GpuInfo] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    sync: SyncFacts = field(default_factory=SyncFacts)
+    parity: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.cfg.model
+
+    def learn(self, learned: dict[str, Any]) -> None:
+        for key, value in learned.items():
+            current = getattr(self, key)
+            if isinstance(current, list) and key == "notes":
+                current.extend(value)
+            elif isinstance(current, dict) and key == "versions":
+                current.update(value)
+            else:
+                setattr(self, key, value)
+
+
+@dataclass
+class Outcome:
+    step: StepResult
+    learned: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)   # name -> text, kept beside the report
+    error: PipelineError | None = None                        # the step failed: why (exit code, verdict)
+
+
+def _ok(name: str, detail: str, command: str = "", **learned: Any) -> Outcome:
+    return Outcome(StepResult(name, "ok", detail=detail, command=command), learned)
+
+
+def _failed(name: str, error: PipelineError, res: CommandResult | None = None, **learned: Any) -> Outcome:
+    step = StepResult(name, "failed", detail=str(error), command=res.command if res else "",
+                      log_tail=parse.tail(res.output, 40) if res else "")
+    return Outcome(step, learned, error=error)
 
 
 def is_hub_model(model: str) -> bool:
@@ -52,61 +169,79 @@ def is_hub_model(model: str) -> bool:
     return "/" in model
 
 
-@dataclass
-class _Run:
-    cfg: HostConfig
-    opts: RunOptions
-    result: HostRunResult
-    stem: str
-    remote: Remote | None = None
-    probe: dict[str, str] = field(default_factory=dict)
-    lay: dict[str, str] = field(default_factory=dict)
-    secrets: list[str] = field(default_factory=list)
-    token_delivered: bool = False
-    last: CommandResult | None = None
-
-    def run(self, command: str, timeout: float, **kw) -> CommandResult:
-        assert self.remote is not None
-        self.last = None
-        res = self.remote.run(command, timeout=timeout, **kw)
-        self.last = res
-        return res
-
-    def say(self, text: str) -> None:
-        self.opts.out(parse.redact(text, self.secrets))
+def _forwarded_env(f: Facts) -> dict[str, str]:
+    return {**f.here.environ, **dict(f.cfg.env)}
 
 
-# ------------------------------------------------------------------------------------------------------ steps
+def _python(f: Facts) -> str:
+    return f.lay["venv_python"] if "install" not in f.skip else f.cfg.python
 
 
-def step_connect(r: _Run) -> StepResult:
-    r.remote = connect(r.cfg)
-    res = r.run(commands.probe_command(r.cfg.python), timeout=30)
-    r.probe = parse.parse_key_values(res.stdout)
-    home = r.probe.get("home") or "/root"
-    r.lay = commands.layout(commands.expand_home(r.cfg.workspace, home))
-    r.result.workspace = r.lay["workspace"]
-    rsync = "rsync" if r.probe.get("tool.rsync") else "no rsync"
-    who = f"{r.probe.get('user', '?')}@{r.probe.get('hostname', '?')}"
-    how = "local, no SSH" if r.remote.local else f"SSH {r.cfg.user}@{r.cfg.address}:{r.cfg.port}"
-    return StepResult("connect", "ok", detail=f"{how}: {who}, {r.probe.get('os', '?')}, {rsync}",
-                      command=res.command)
+# ------------------------------------------------------------------------------------------------ steps
 
 
-def step_gpu(r: _Run) -> StepResult:
-    res = r.run(commands.gpu_query_command(), timeout=60)
+def plan_connect(f: Facts) -> list[Op]:
+    return [Run(commands.probe_command(f.cfg.python, f.cfg.workspace), timeout=30)]
+
+
+def conclude_connect(f: Facts, out: list) -> Outcome:
+    res: CommandResult = out[0]
+    probe = parse.parse_key_values(res.stdout)
+    if not res.ok or "home" not in probe:
+        return _failed("connect", StepError(f"the probe command failed (exit {res.exit_code})"), res)
+    lacking = [t for t in ("setsid", "timeout") if not probe.get(f"tool.{t}")]
+    if lacking:
+        return _failed("connect", StepError(f"the host lacks {' and '.join(lacking)} (util-linux / coreutils): "
+                                            "needed to stop remote commands"), res)
+    lay = commands.layout(commands.expand_home(f.cfg.workspace, probe["home"]))
+    rsync = "rsync" if probe.get("tool.rsync") else "no rsync"
+    who = f"{probe.get('user', '?')}@{probe.get('hostname', '?')}"
+    how = "local, no SSH" if f.cfg.local else f"SSH {f.cfg.user}@{f.cfg.address}:{f.cfg.port}" + (
+        " via " + ", ".join(h.spec() for h in f.cfg.jumps) if f.cfg.jumps else "")
+    return _ok("connect", f"{how}: {who}, {probe.get('os', '?')}, {rsync}", res.command,
+               probe=probe, lay=lay, workspace=lay["workspace"])
+
+
+def plan_lock(f: Facts) -> list[Op]:
+    return [Hold(commands.lock_command(f.lay, f.here.owner), wait_s=f.cfg.lock_timeout)]
+
+
+def conclude_lock(f: Facts, out: list) -> Outcome:
+    res: HoldOutput = out[0]
+    marks = [x for x in res.lines if x.startswith("@@")]
+    if res.held and marks and marks[0].startswith("@@locked"):
+        kv = parse.parse_key_values(marks[0].removeprefix("@@locked").replace(" ", "\n"))
+        notes = []
+        if kv.get("flock") == "no":
+            notes.append("The host has no flock(1): the workspace was not locked against other runs.")
+        stale = marks[0].partition("stale=")[2].split()
+        if stale:
+            notes.append("Killed what a previous run that died left running: " + ", ".join(stale) + ".")
+        waited = f" after waiting {res.waited_s:.0f} s" if res.waited_s >= 1 else ""
+        return _ok("lock", f"workspace {f.lay['workspace']} locked{waited}", notes=notes)
+    if marks and marks[0].startswith("@@busy"):
+        owner = marks[0].removeprefix("@@busy").strip() or "another run (owner unknown)"
+        return _failed("lock", BusyError(f"busy: the workspace {f.lay['workspace']} on {f.cfg.name or f.cfg.label} "
+                                         f"is held by {owner}; waited {res.waited_s:.0f} s (--lock-timeout)"))
+    return _failed("lock", StepError("the lock command failed: " + (" ".join(res.lines)[-300:] or "no output")))
+
+
+def plan_gpu(f: Facts) -> list[Op]:
+    return [Run(commands.gpu_query_command(), timeout=60)]
+
+
+def conclude_gpu(f: Facts, out: list) -> Outcome:
+    res: CommandResult = out[0]
     probe = parse.parse_gpu_query(res.stdout)
-    r.result.gpus = probe.gpus
-    if probe.nvidia_smi:  # keep the raw output: a new host's output is a new parser fixture
-        raw = Path(r.opts.report_dir) / r.stem / "nvidia-smi.txt"
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        raw.write_text(res.stdout)
-        r.result.artifacts["nvidia-smi.txt"] = str(raw)
-    why = parse.check_gpu_requirement(r.cfg.gpu, probe)
+    artifacts = {"nvidia-smi.txt": res.stdout} if probe.nvidia_smi else {}   # a new host's output: a new fixture
+    why = parse.check_gpu_requirement(f.cfg.gpu, probe)
     if why:
-        raise GpuRequirementError(why)
+        o = _failed("gpu", GpuRequirementError(why), res, gpus=probe.gpus)
+        o.artifacts = artifacts
+        return o
+    learned: dict[str, Any] = {"gpus": probe.gpus}
     if probe.gpus and not probe.error:
-        r.result.device = "cuda"
+        learned["device"] = "cuda"
         g = probe.gpus[0]
         names = f"{len(probe.gpus)} x {g.name}" if len({x.name for x in probe.gpus}) == 1 else \
             ", ".join(x.name for x in probe.gpus)
@@ -115,320 +250,236 @@ def step_gpu(r: _Run) -> StepResult:
         busy = sum(len(x.processes) for x in probe.gpus)
         if busy:
             detail += f"; {busy} process(es) already on the GPU"
-            r.result.notes.append(f"{busy} process(es) were already running on the GPU(s): timings may suffer.")
+            learned["notes"] = [f"{busy} process(es) were already running on the GPU(s): timings may suffer."]
     else:
-        r.result.device = "cpu"
+        learned["device"] = "cpu"
+        model = f.model
         detail = "no GPU (" + ("nvidia-smi not found" if not probe.nvidia_smi else probe.error or "none") + \
             "): the suite runs on the CPU"
-        if not r.cfg.model_explicit and r.result.model != TINY:
-            r.result.model = TINY
+        if not f.cfg.model_explicit and model != TINY:
+            model = learned["model"] = TINY
             detail += f"; model falls back to the {TINY} preset"
-        r.result.notes.append(f"No GPU on this host: the parity suite ran the `{r.result.model}` preset on the CPU "
-                              "(Triton interpreter). This checks the pipeline and the kernels' logic, not GPU "
-                              "speed; latency figures are not meaningful.")
-    return StepResult("gpu", "ok", detail=detail, command=res.command)
+        learned["notes"] = [f"No GPU on this host: the parity suite ran the `{model}` preset on the CPU (Triton "
+                            "interpreter). This checks the pipeline and the kernels' logic, not GPU speed; latency "
+                            "figures are not meaningful."]
+    o = _ok("gpu", detail, res.command, **learned)
+    o.artifacts = artifacts
+    return o
 
 
-def step_sync(r: _Run) -> StepResult:
-    tree = local.collect_tree(r.opts.code_root)
-    r.result.sync = SyncFacts(content_hash=tree.content_hash, files=len(tree.files))
-    ws, hash_file = r.lay["workspace"], r.lay["sync_hash"]
-    can_rsync = bool(shutil.which("rsync")) and bool(r.probe.get("tool.rsync")) and \
-        (r.remote.local or bool(shutil.which("ssh")))
-    if can_rsync:
-        # rsync every time (files edited on the host are put back); no recorded hash to trust or update
-        dest, ssh = r.remote.rsync_target(ws)
-        prepare = commands.rsync_prepare_command(r.lay["runtime"], hash_file)
-        if r.remote.local:
-            r.run(prepare, timeout=30)
-        argv = commands.rsync_argv(str(tree.root), dest, ssh, prepare=prepare)
-        res = r.remote.rsync(argv, timeout=600)
-        r.last = res
+def _can_rsync(f: Facts) -> bool:
+    return f.here.rsync and bool(f.probe.get("tool.rsync"))
+
+
+def plan_sync(f: Facts) -> list[Op]:
+    tree, lay = f.here.tree, f.lay
+    if _can_rsync(f):
+        # rsync every time (files edited on the host are put back); the tar path's recorded hash is dropped
+        prepare = commands.rsync_prepare_command(lay["runtime"], lay["sync_hash"])
+        if f.cfg.local:
+            return [Run(prepare, timeout=30), Rsync(str(tree.root), lay["workspace"])]
+        return [Rsync(str(tree.root), lay["workspace"], prepare=prepare)]
+    if f.probe.get("sync_hash") == tree.content_hash:
+        return []
+    return [PutTarball(lay["upload"]),
+            Run(commands.untar_command(lay["upload"], lay["workspace"], lay["sync_hash"], tree.content_hash),
+                timeout=120)]
+
+
+def conclude_sync(f: Facts, out: list) -> Outcome:
+    tree = f.here.tree
+    sync = SyncFacts(content_hash=tree.content_hash, files=len(tree.files))
+    learned = {"sync": sync, "versions": {"flashcore_content_hash": tree.content_hash}}
+    content = f"; content {tree.content_hash[:12]}"
+    res: CommandResult | None = out[-1] if out else None
+    if _can_rsync(f):
         if not res.ok:
-            raise StepError(f"rsync failed (exit {res.exit_code}): {parse.tail(res.output, 3, 400)}")
+            return _failed("sync", StepError(f"rsync failed (exit {res.exit_code}): "
+                                             f"{parse.brief(res.output)}"), res)
         sent, nfiles = parse.parse_rsync_stats(res.stdout)
-        r.result.sync.method, r.result.sync.bytes_sent = "rsync", sent
+        sync.method, sync.bytes_sent = "rsync", sent
         changed = parse.parse_rsync_changed(res.stdout)
         detail = f"rsync: {nfiles} of {len(tree.files)} files changed, {sent} bytes sent"
         if changed:
             detail += " (" + ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "") + ")"
-        cmd = shlex.join(argv)
-    elif (pre := r.run(f"mkdir -p {commands.q(r.lay['runtime'])} && " + commands.read_file_command(hash_file),
-                       timeout=30)).stdout.strip() == tree.content_hash:
-        r.result.sync.method = "unchanged"
-        detail = f"unchanged ({len(tree.files)} files, hash {tree.content_hash[:12]}): nothing sent"
-        cmd = pre.command
-    else:
-        blob = local.make_tarball(tree)
-        r.remote.put_data(blob, r.lay["upload"])
-        res = r.run(commands.untar_command(r.lay["upload"], ws, hash_file, tree.content_hash), timeout=120)
-        if not res.ok:
-            raise StepError(f"unpacking the tarball failed: {parse.tail(res.output, 3, 400)}")
-        r.result.sync.method, r.result.sync.bytes_sent = "tar", len(blob)
-        missing = "this machine" if not shutil.which("rsync") else \
-            "the host" if not r.probe.get("tool.rsync") else "this machine (ssh client)"
-        how = "tar over SFTP" if not r.remote.local else "tar"
-        detail = f"{how} (no rsync on {missing}): {len(tree.files)} files, {len(blob)} bytes sent"
-        cmd = res.command
-    r.result.versions["flashcore_content_hash"] = tree.content_hash
-    return StepResult("sync", "ok", detail=detail + f"; content {tree.content_hash[:12]}", command=cmd)
+        return _ok("sync", detail + content, res.command, **learned)
+    if res is None:
+        sync.method = "unchanged"
+        return _ok("sync", f"unchanged ({len(tree.files)} files, hash {tree.content_hash[:12]}): nothing sent",
+                   **learned)
+    if not res.ok:
+        return _failed("sync", StepError(f"unpacking the tarball failed: {parse.brief(res.output)}"), res)
+    sync.method, sync.bytes_sent = "tar", out[0]          # PutTarball's output: the bytes it sent
+    missing = "this machine" if not f.here.rsync else "the host"
+    how = "tar" if f.cfg.local else "tar over SSH"
+    return _ok("sync", f"{how} (no rsync on {missing}): {len(tree.files)} files, {out[0]} bytes sent" + content,
+               res.command, **learned)
 
 
-def _push_wheelhouse(r: _Run) -> tuple[str, list[str]]:
-    wh = Path(r.opts.wheelhouse).expanduser()
-    wheels = sorted(wh.glob("*.whl"))
-    if not wheels:
-        raise StepError(f"--wheelhouse {r.opts.wheelhouse}: no .whl files there")
-    remote_dir = r.lay["wheelhouse"]
-    listing = r.run(f"mkdir -p {commands.q(remote_dir)} && cd {commands.q(remote_dir)} && "
-                    "for f in *.whl; do [ -f \"$f\" ] && echo \"$f $(wc -c < \"$f\")\"; done; true", timeout=60)
-    have = dict(line.rsplit(" ", 1) for line in listing.stdout.splitlines() if " " in line)
-    for w in wheels:
-        if have.get(w.name) != str(w.stat().st_size):
-            r.remote.put(str(w), f"{remote_dir}/{w.name}")
-    return remote_dir, [w.name for w in wheels]
+def plan_install(f: Facts) -> list[Op]:
+    if f.probe and not f.probe.get("python_path"):
+        raise StepError(f"remote python {f.cfg.python!r} not found on the host (set --python or the inventory's "
+                        f"python: {f.probe.get('python_version', '')})")
+    lay = f.lay
+    ops: list[Op] = []
+    names = []
+    for path, size in f.here.wheels:
+        name = path.rsplit("/", 1)[-1]
+        names.append(name)
+        if f.probe.get(f"wheel.{name}") != str(size):
+            ops.append(Put(path, f"{lay['wheelhouse']}/{name}"))
+    spec = {"workspace": lay["workspace"], "venv": lay["venv"], "requirements": f.here.requirements,
+            "wheelhouse": lay["wheelhouse"] if names else "",
+            "spec_hash": parse.install_spec_hash(f.here.requirements, f.cfg.python, names,
+                                                 f.here.scripts["install.py"])}
+    if ops:
+        ops.insert(0, Run(f"mkdir -p {commands.q(lay['wheelhouse'])}", timeout=30))
+    ops.append(Run(commands.in_group(commands.install_command(f.cfg.python, spec), lay["install_pid"]),
+                   timeout=f.cfg.install_timeout, stdin=f.here.scripts["install.py"], stdin_label="install.py",
+                   pidfile=lay["install_pid"]))
+    return ops
 
 
-def step_install(r: _Run) -> StepResult:
-    if r.probe and not r.probe.get("python_path"):
-        raise StepError(f"remote python {r.cfg.python!r} not found on the host (set --python or the inventory's "
-                        f"python: {r.probe.get('python_version', '')})")
-    reqs = local.requirements(r.opts.code_root)
-    wh_dir, wheel_names = _push_wheelhouse(r) if r.opts.wheelhouse else ("", [])
-    spec = {"workspace": r.lay["workspace"], "venv": r.lay["venv"], "requirements": reqs, "wheelhouse": wh_dir,
-            "spec_hash": local.install_spec_hash(reqs, r.cfg.python, wheel_names)}
-    res = r.run(commands.install_command(r.cfg.python, spec), timeout=r.cfg.install_timeout,
-                stdin=local.remote_script("install.py"))
+def conclude_install(f: Facts, out: list) -> Outcome:
+    res: CommandResult = out[-1]
     doc = parse.parse_result_line(res.stdout)
     if res.timed_out:
-        raise CommandTimeout(f"install did not finish within {r.cfg.install_timeout:g} s")
+        return _failed("install", CommandTimeout(f"install did not finish within {f.cfg.install_timeout:g} s"), res)
     if not doc:
-        raise StepError(f"install failed (exit {res.exit_code}): {parse.tail(res.output, 3, 400)}")
+        return _failed("install", StepError(f"install failed (exit {res.exit_code}): "
+                                            f"{parse.brief(res.output)}"), res)
     if not doc.get("ok"):
-        raise StepError(f"install: {doc.get('error', 'failed')}")
+        return _failed("install", StepError(f"install: {doc.get('error', 'failed')}"), res)
     imp = doc.get("imports", {})
-    v = r.result.versions
-    for key in ("python", "torch", "torch_cuda", "triton", "transformers", "huggingface_hub", "pytest",
-                "flashcore"):
-        if imp.get(key) not in (None, ""):
-            v[key] = str(imp[key])
+    v = {key: str(imp[key]) for key in ("python", "torch", "torch_cuda", "triton", "transformers",
+                                         "huggingface_hub", "pytest", "flashcore") if imp.get(key) not in (None, "")}
     v["python_executable"] = str(imp.get("python_executable", ""))
-    v["flashcore_revision"] = local.git_revision(r.opts.code_root) or "unknown"
+    v["flashcore_revision"] = f.here.revision or "unknown (not a git checkout)"
     how = "venv reused (dependency spec unchanged)" if doc.get("cached") else "venv built"
     if doc.get("installed"):
-        how += "; installed " + ", ".join(doc["installed"]) + (" from the wheelhouse" if wh_dir else "")
-    detail = (f"{how} on {doc.get('host_python', r.cfg.python)}: torch {v.get('torch', '?')}, "
+        how += "; installed " + ", ".join(doc["installed"]) + (" from the wheelhouse" if f.here.wheels else "")
+    detail = (f"{how} on {doc.get('host_python', f.cfg.python)}: torch {v.get('torch', '?')}, "
               f"triton {v.get('triton', '?')}, transformers {v.get('transformers', '?')}, "
               f"flashcore {v.get('flashcore', '?')} from the workspace")
-    return StepResult("install", "ok", detail=detail, command=res.command)
+    return _ok("install", detail, res.command, versions=v)
 
 
-def step_token(r: _Run) -> StepResult:
-    model = r.result.model
-    if not is_hub_model(model):
-        return StepResult("token", "skipped",
-                          detail=f"model preset {model!r} needs no hub (random weights from a config)")
-    token, source = local.hf_token(r.opts.environ)
-    if not token:
-        raise StepError(f"no HF token for the hub model {model}: set HF_TOKEN or run `hf auth login` locally")
-    r.secrets.append(token)
-    put = r.remote.put_bytes(token.encode() + b"\n", r.lay["token"], 0o600)
+def plan_token(f: Facts) -> list[Op]:
+    if not is_hub_model(f.model):
+        return []
+    if not f.here.token:
+        raise StepError(f"no HF token for the hub model {f.model}: set HF_TOKEN or run `hf auth login` locally")
+    lay = f.lay
+    env = {**_forwarded_env(f), "HF_TOKEN_PATH": lay["token"]}
+    check = commands.python_script_command(_python(f), [f.model], env)
+    return [Run(commands.write_stdin_to_file_command(lay["token"], 0o600), timeout=30,
+                stdin=f.here.token.encode() + b"\n", stdin_label=f"<the HF token from {f.here.token_source}>",
+                cleanup=lay["token"]),
+            Run(commands.in_group(check, lay["token_pid"]), timeout=90, stdin=f.here.scripts["token_check.py"],
+                stdin_label="token_check.py", pidfile=lay["token_pid"])]
+
+
+_TOKEN_WORDS = {"no_token": "no token", "invalid_token": "invalid token", "no_access": "no access",
+                "unreachable": "hub unreachable", "hub_error": "hub error"}
+
+
+def conclude_token(f: Facts, out: list) -> Outcome:
+    if not out:
+        return Outcome(StepResult("token", "skipped",
+                                  detail=f"model preset {f.model!r} needs no hub (random weights from a config)"))
+    put, res = out
     if not put.ok:
-        raise StepError(f"could not write the token file on the remote: {parse.tail(put.output, 2, 300)}")
-    r.token_delivered = True
-    env = {**_forwarded_env(r), "HF_TOKEN_PATH": r.lay["token"]}
-    res = r.run(commands.python_script_command(r.lay["venv_python"], [model], env), timeout=90,
-                stdin=local.remote_script("token_check.py"))
+        return _failed("token", StepError(f"could not write the token file on the host: "
+                                          f"{parse.brief(put.output)}"), put)
     doc = parse.parse_result_line(res.stdout) or {}
     status = doc.get("status", "hub_error")
     if status != "ok":
-        words = {"no_token": "no token", "invalid_token": "invalid token", "no_access": "no access",
-                 "unreachable": "hub unreachable", "hub_error": "hub error"}
-        raise StepError(f"HF token ({source}): {words.get(status, status)}: "
-                        f"{doc.get('detail') or parse.tail(res.output, 2, 300)}")
-    return StepResult("token", "ok", detail=f"token from {source}: {doc.get('detail', '')}", command=res.command)
+        return _failed("token", StepError(f"HF token ({f.here.token_source}): {_TOKEN_WORDS.get(status, status)}: "
+                                          f"{doc.get('detail') or parse.brief(res.output)}"), res)
+    return _ok("token", f"token from {f.here.token_source}: {doc.get('detail', '')}", res.command)
 
 
-def _forwarded_env(r: _Run) -> dict[str, str]:
-    env = dict(r.cfg.env)
-    for key in FORWARDED_ENV:
-        if r.opts.environ.get(key):
-            env.setdefault(key, r.opts.environ[key])
-    return env
-
-
-def step_suite(r: _Run) -> StepResult:
-    lay, res_dir = r.lay, r.lay["results"]
+def plan_suite(f: Facts) -> list[Op]:
+    lay, res_dir = f.lay, f.lay["results"]
     json_path, junit_path = f"{res_dir}/parity.json", f"{res_dir}/junit.xml"
-    device = r.result.device or None
-    env = _forwarded_env(r)
-    env.update({"FLASHCORE_PARITY_JSON": json_path, "FLASHCORE_JUNIT": junit_path})
-    if r.token_delivered:
+    env = {**_forwarded_env(f), "FLASHCORE_PARITY_JSON": json_path, "FLASHCORE_JUNIT": junit_path}
+    if is_hub_model(f.model) and f.here.token:
         env["HF_TOKEN_PATH"] = lay["token"]
-    venv_python = lay["venv_python"] if "install" not in r.opts.skip else r.cfg.python
-    inner = r.opts.suite_command or shlex.join(
-        commands.pytest_argv(venv_python, r.result.model, json_path, junit_path, device))
-    timeout = r.cfg.suite_timeout
-    cmd = commands.suite_command(lay["workspace"], inner, timeout, r.opts.kill_after_s, env)
-    label = r.cfg.name or r.cfg.label
-    r.say(f"[{label} suite] {inner}")
-    res = r.run(cmd, timeout=timeout + r.opts.kill_after_s + 15, pidfile=lay["pidfile"],
-                on_output=lambda line: r.say(f"[{label} suite] {line}"))
-    art = Path(r.opts.report_dir) / r.stem
-    for name in ("parity.json", "junit.xml", "suite.log"):
-        try:
-            if r.remote.get(f"{res_dir}/{name}", str(art / name)):
-                r.result.artifacts[name] = str(art / name)
-        except PipelineError:
-            pass
-    if "suite.log" not in r.result.artifacts:  # the remote log is gone: keep what was streamed
-        art.mkdir(parents=True, exist_ok=True)
-        (art / "suite.log").write_text(parse.redact(res.output, r.secrets))
-        r.result.artifacts["suite.log"] = str(art / "suite.log")
-    if res.timed_out:
-        raise CommandTimeout(f"suite: no end within {timeout + r.opts.kill_after_s + 15:g} s; killed the remote "
-                             "process group over a new channel")
-    if res.exit_code in (124, 137):
-        raise CommandTimeout(f"suite timed out after {timeout:g} s (the remote `timeout` killed its process group)")
+    inner = f.suite_command or shlex.join(
+        commands.pytest_argv(_python(f), f.model, json_path, junit_path, f.device or None))
+    cmd = commands.suite_command(lay["workspace"], inner, f.cfg.suite_timeout, f.kill_after_s, env)
+    return [Run(cmd, timeout=suite_deadline(f), pidfile=lay["suite_pid"], stream=True),
+            *(Get(f"{res_dir}/{name}", name) for name in ("parity.json", "junit.xml", "suite.log"))]
+
+
+def suite_deadline(f: Facts) -> float:
+    """The local deadline: a little after the remote one (`timeout` plus its kill-after)."""
+    return f.cfg.suite_timeout + f.kill_after_s + 15
+
+
+def conclude_suite(f: Facts, out: list) -> Outcome:
+    res: CommandResult = out[0]
+    parity_text, log = out[1], out[3]
+    artifacts = {} if log is not None else {"suite.log": res.output}   # the remote log is gone: what streamed
     doc = None
-    if "parity.json" in r.result.artifacts:
+    if parity_text:
         try:
-            doc = json.loads(Path(r.result.artifacts["parity.json"]).read_text())
-        except (OSError, ValueError):
+            doc = json.loads(parity_text)
+        except ValueError:
             doc = None
-    r.result.parity = doc
-    _, summary = parse.parity_summary(doc)
+    learned: dict[str, Any] = {"parity": doc}
     if isinstance(doc, dict):
         envd = doc.get("environment") or {}
-        for key in ("device", "device_kind", "cuda", "triton_interpret"):
-            if envd.get(key) not in (None, ""):
-                r.result.versions[f"suite_{key}"] = str(envd[key])
+        learned["versions"] = {f"suite_{k}": str(envd[k]) for k in ("device", "device_kind", "cuda", "triton_interpret")
+                               if envd.get(k) not in (None, "")}
+    error = _suite_error(f, res, doc)
+    if error is not None:
+        o = _failed("suite", error, res, **learned)
+    else:
+        _, summary = parse.parity_summary(doc)
+        o = _ok("suite", f"{summary} ({f.model} on {f.device or 'default device'})", res.command, **learned)
+    o.artifacts = artifacts
+    return o
+
+
+def _suite_error(f: Facts, res: CommandResult, doc: dict | None) -> PipelineError | None:
+    if res.timed_out:
+        return CommandTimeout(f"suite: no end within {suite_deadline(f):g} s; killed the remote process group "
+                              "over a new channel")
+    if res.exit_code in (124, 137):
+        return CommandTimeout(f"suite timed out after {f.cfg.suite_timeout:g} s (the remote `timeout` killed its "
+                              "process group)")
     if doc is None:
-        raise StepError(f"suite crashed (exit {res.exit_code}) without writing its results JSON")
+        return StepError(f"suite crashed (exit {res.exit_code}) without writing its results JSON")
     from flashcore.parity.results import ParityReport, SchemaError
     try:
         passed = ParityReport.from_dict(doc).passed   # the typed contract: every field checked
     except SchemaError as e:
-        raise StepError(f"suite results do not match flashcore.parity/1: {e}") from None
+        return StepError(f"suite results do not match flashcore.parity/1: {e}")
+    not_loaded = parse.model_not_loaded(doc)
+    if not_loaded:                                    # not the kernels' fault: exit 5, never 1
+        return StepError(f"the model could not be loaded on the host: {not_loaded}")
+    _, summary = parse.parity_summary(doc)
     if not passed:
-        raise ParityFailure(f"parity failed: {summary}")
+        return ParityFailure(f"parity failed: {summary}")
     if res.exit_code != 0:
-        raise StepError(f"suite exited {res.exit_code} although its results say passed ({summary})")
-    return StepResult("suite", "ok", detail=f"{summary} ({r.result.model} on {device or 'default device'})",
-                      command=cmd)
+        return StepError(f"suite exited {res.exit_code} although its results say passed ({summary})")
+    return None
 
 
-STEPS: tuple[tuple[str, Callable[[_Run], StepResult]], ...] = (
-    ("connect", step_connect), ("gpu", step_gpu), ("sync", step_sync), ("install", step_install),
-    ("token", step_token), ("suite", step_suite),
+@dataclass(frozen=True)
+class Step:
+    name: str
+    plan: Callable[[Facts], list[Op]]
+    conclude: Callable[[Facts, list], Outcome]
+
+
+STEPS: tuple[Step, ...] = (
+    Step("connect", plan_connect, conclude_connect),
+    Step("lock", plan_lock, conclude_lock),
+    Step("gpu", plan_gpu, conclude_gpu),
+    Step("sync", plan_sync, conclude_sync),
+    Step("install", plan_install, conclude_install),
+    Step("token", plan_token, conclude_token),
+    Step("suite", plan_suite, conclude_suite),
 )
-
-
-# ------------------------------------------------------------------------------------------------- run_host
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "host"
-
-
-def verdict_for(error: PipelineError | None, failed_step: str, suite_skipped: bool) -> tuple[str, int]:
-    if error is None:
-        return ("PASSED (suite skipped)" if suite_skipped else "PASSED"), 0
-    if isinstance(error, ParityFailure):
-        return "FAILED: parity", error.exit_code
-    if isinstance(error, HostKeyError):
-        return "REFUSED: host key", error.exit_code
-    if isinstance(error, AuthenticationError):
-        return "REFUSED: authentication", error.exit_code
-    if isinstance(error, ConnectError):
-        return "UNREACHABLE", error.exit_code
-    if isinstance(error, GpuRequirementError):
-        return "GPU REQUIREMENT NOT MET", error.exit_code
-    if isinstance(error, Interrupted):
-        return "INTERRUPTED", error.exit_code
-    return f"ERROR: {failed_step} step failed", error.exit_code
-
-
-def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
-    """Validate one host: every step in order, the report always written. Never raises PipelineError."""
-    from pipeline import report
-
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
-    result = HostRunResult(host=cfg.name or cfg.label, address="localhost" if cfg.local else cfg.address,
-                           port=0 if cfg.local else cfg.port, user=cfg.user, local=cfg.local, model=cfg.model,
-                           require_gpu=describe_gpu_requirement(cfg.gpu), started_at=started.isoformat(),
-                           reproduce=opts.reproduce)
-    stem = f"{_slug(result.host)}-{started.strftime('%Y%m%dT%H%M%SZ')}"
-    n = 1
-    while (Path(opts.report_dir) / f"{stem}.json").exists() or (Path(opts.report_dir) / stem).exists():
-        n += 1  # two runs of one host within a second: never overwrite a report
-        stem = f"{_slug(result.host)}-{started.strftime('%Y%m%dT%H%M%SZ')}-{n}"
-    r = _Run(cfg, opts, result, stem=stem)
-    error: PipelineError | None = None
-    failed_step = ""
-    label = cfg.name or cfg.label
-    try:
-        for name, fn in STEPS:
-            if error is not None:
-                result.steps.append(StepResult(name, "skipped", detail=f"not run: {failed_step} failed"))
-                continue
-            if name in opts.skip:
-                result.steps.append(StepResult(name, "skipped", detail="--skip " + name))
-                r.say(f"[{label}] {name:8s} skipped (--skip)")
-                continue
-            r.say(f"[{label}] {name:8s} ...")
-            s0 = time.monotonic()
-            try:
-                step = fn(r)
-            except PipelineError as e:
-                error, failed_step = e, name
-                step = _failed(r, name, str(e))
-            except KeyboardInterrupt:
-                error, failed_step = Interrupted(f"interrupted during {name}"), name
-                step = _failed(r, name, "interrupted (Ctrl-C)")
-            except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: reported, not lost
-                error, failed_step = StepError(f"{name}: unexpected {type(e).__name__}: {e}"), name
-                step = _failed(r, name, str(error))
-                if opts.debug:
-                    import traceback
-                    traceback.print_exc(file=sys.stderr)
-            step.duration_s = round(time.monotonic() - s0, 3)
-            step.detail = parse.redact(step.detail, r.secrets)
-            step.command = parse.redact(step.command, r.secrets)
-            step.log_tail = parse.redact(step.log_tail, r.secrets)
-            result.steps.append(step)
-            r.say(f"[{label}] {name:8s} {step.status} ({step.duration_s:.2f} s) {step.detail}")
-    finally:
-        _cleanup(r)
-    result.verdict, result.exit_code = verdict_for(error, failed_step, "suite" in opts.skip)
-    result.error = parse.redact(str(error), r.secrets) if error else ""
-    result.finished_at = datetime.now(timezone.utc).isoformat()
-    result.duration_s = round(time.monotonic() - t0, 3)
-    s0 = time.monotonic()
-    try:
-        paths = report.write_report(result, Path(opts.report_dir), r.stem, opts.template, r.secrets,
-                                    report_step_start=s0)
-        r.say(f"[{label}] report   {paths['md']}")
-    except Exception as e:  # noqa: BLE001 - a broken user template must not hide the verdict
-        r.say(f"[{label}] report   failed: {type(e).__name__}: {e}")
-        result.steps.append(StepResult("report", "failed", round(time.monotonic() - s0, 3), str(e)))
-    return result
-
-
-def _failed(r: _Run, name: str, detail: str) -> StepResult:
-    last = r.last
-    return StepResult(name, "failed", detail=detail, command=last.command if last else "",
-                      log_tail=parse.tail(last.output, 40) if last else "")
-
-
-def _cleanup(r: _Run) -> None:
-    if r.remote is None:
-        return
-    try:
-        if r.token_delivered:
-            r.remote.run(commands.remove_file_command(r.lay["token"]), timeout=15)
-    except (PipelineError, OSError):
-        pass
-    finally:
-        r.remote.close()

@@ -53,9 +53,8 @@ def sparkline(values: Sequence[float | None]) -> str:
 def fleet_exit_code(results: Sequence[GpuResult], assessments: Sequence[Assessment]) -> int:
     """The worst host's exit code (130 wins, as for hosts run one after another), and EXIT_REGRESSION when a
     regression is confirmed."""
-    from pipeline.cli import overall_exit_code   # the CLI's rule, reused (lazily: the CLI will import this module)
-    code = overall_exit_code(list(results))
-    if code != errors.EXIT_INTERRUPTED and any(a.regressed for a in assessments):
+    code = errors.overall_exit_code([r.exit_code for r in results])
+    if code <= 128 and any(a.regressed for a in assessments):
         code = max(code, EXIT_REGRESSION)
     return code
 

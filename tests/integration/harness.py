@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +51,9 @@ def _keygen(path: Path) -> None:
     subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
-def start_sshd(d: Path) -> tuple[Sshd, subprocess.Popen]:
-    """Start sshd in `d` (keys, config, logs live there); returns when it accepts connections."""
+def start_sshd(d: Path, with_sftp: bool = True, log_level: str = "VERBOSE") -> tuple[Sshd, subprocess.Popen]:
+    """Start sshd in `d` (keys, config, logs live there); returns when it accepts connections. A
+    host without an SFTP subsystem (`with_sftp=False`: no `Subsystem sftp` line, sshd refuses the request)."""
     d.mkdir(parents=True, exist_ok=True)
     for name in ("host_key", "client_key", "wrong_key"):
         _keygen(d / name)
@@ -81,12 +84,11 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 PidFile {d}/sshd.pid
-LogLevel VERBOSE
+LogLevel {log_level}
 MaxSessions 50
 MaxStartups 50
 ForceCommand {wrapper}
-Subsystem sftp {sftp}
-""")
+""" + (f"Subsystem sftp {sftp}\n" if with_sftp else ""))
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(log)])
     deadline = time.time() + 10
@@ -106,9 +108,10 @@ Subsystem sftp {sftp}
 @dataclass
 class Run:
     code: int
-    out: str
+    out: str                 # stdout + stderr
     seconds: float
     report_dir: Path
+    err: str = ""            # stderr alone
 
     def report(self) -> dict:
         files = sorted(self.report_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
@@ -126,9 +129,110 @@ CODE = {"root": REPO}  # set to the frozen snapshot by the code_snapshot fixture
 
 def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240) -> Run:
     """Run the real CLI (`python -m pipeline.cli`, from the code snapshot) as a subprocess, output captured."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    e.update(env or {})
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
-                       cwd=CODE["root"], env=e, capture_output=True, text=True, timeout=timeout)
-    return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir)
+                       cwd=CODE["root"], env=_env(env), capture_output=True, text=True, timeout=timeout)
+    return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir, p.stderr)
+
+
+def _env(env: dict | None) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    e.update(env or {})
+    return e
+
+
+class Background:
+    """The real CLI running in the background (a subprocess of its own): wait for a line, signal it, finish."""
+
+    def __init__(self, args: list[str], report_dir: Path, env: dict | None = None, cwd: Path | None = None):
+        self.report_dir = report_dir
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
+                                     cwd=cwd or CODE["root"], env=_env(env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.err = ""
+        self._seen = threading.Condition()
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line)
+                self._seen.notify_all()
+
+    def _read_err(self) -> None:
+        self.err = self.proc.stderr.read()
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        with self._seen:
+            ok = self._seen.wait_for(lambda: any(text in x for x in self.lines) or self.proc.poll() is not None,
+                                     timeout)
+        assert ok and any(text in x for x in self.lines), f"{text!r} never came:\n{''.join(self.lines)}{self.err}"
+
+    def finish(self, timeout: float = 60) -> Run:
+        code = self.proc.wait(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=5)
+        out = "".join(self.lines)
+        return Run(code, out + self.err, 0.0, self.report_dir, self.err)
+
+
+# A local HTTP stand-in for the Hugging Face hub (HF_ENDPOINT): whoami and auth-check for two planted tokens.
+GOOD = "hf_PlantedSecretTokenWithAccess0123456789"
+NO_ACCESS = "hf_PlantedSecretTokenNoAccess9876543210"
+REPO_ID = "example-org/gated-model"
+
+
+class Hub(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if self.path.startswith("/api/whoami-v2"):
+            if token in (GOOD, NO_ACCESS):
+                return self._send(200, {"type": "user", "name": "planted-user", "auth": {}})
+            return self._send(401, {"error": "Invalid credentials in Authorization header"})
+        if self.path.startswith(f"/api/models/{REPO_ID}/auth-check"):
+            if token == GOOD:
+                return self._send(200, {})
+            return self._send(403, {"error": "gated"}, {"X-Error-Code": "GatedRepo",
+                                                         "X-Error-Message": "Access to this repo is restricted"})
+        return self._send(404, {"error": "not found"}, {"X-Error-Code": "RepoNotFound"})
+
+    def _send(self, code, body, headers=None):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+
+def start_hub() -> tuple[str, ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie is dead for our purpose)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def hanging_suite(d: Path) -> tuple[str, Path]:
+    """A suite command that records its pid and a child's, says "hanging", and waits (for a signal or a kill)."""
+    pids = d / "pids"
+    script = d / "hang.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {pids}\nsleep 300 &\necho $! >> {pids}\necho hanging\nwait\n")
+    script.chmod(0o755)
+    return str(script), pids

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import CODE, REPO, deploy, free_port
+from tests.integration.harness import CODE, REPO, Background, alive, deploy, free_port, hanging_suite
 
 pytestmark = pytest.mark.integration
 SUITE = REPO / "tests" / "parity" / "test_parity_suite.py"
@@ -33,9 +33,10 @@ def test_happy_path_passes_and_reports_everything(happy, sshd, code_snapshot):
     doc = happy.report()
     assert doc["schema"] == "flashcore.report/1"
     assert doc["verdict"] == "PASSED" and doc["exit_code"] == 0
-    assert [s["name"] for s in doc["steps"]] == ["connect", "gpu", "sync", "install", "token", "suite", "report"]
+    assert [s["name"] for s in doc["steps"]] == ["connect", "lock", "gpu", "sync", "install", "token", "suite",
+                                                 "report"]
     status = {s["name"]: s["status"] for s in doc["steps"]}
-    assert status == {"connect": "ok", "gpu": "ok", "sync": "ok", "install": "ok", "token": "skipped",
+    assert status == {"connect": "ok", "lock": "ok", "gpu": "ok", "sync": "ok", "install": "ok", "token": "skipped",
                       "suite": "ok", "report": "ok"}
     assert doc["device"] == "cpu" and doc["model"] == "tiny"
     assert doc["sync"]["method"] == "rsync" and len(doc["sync"]["content_hash"]) == 64
@@ -48,9 +49,9 @@ def test_happy_path_streams_and_fetches_artifacts(happy, sshd):
     assert f"[127.0.0.1:{sshd.port} suite]" in happy.out       # live output, with the step shown
     doc = happy.report()
     for name in ("parity.json", "junit.xml", "suite.log"):
-        path = Path(doc["artifacts"][name])
+        path = happy.report_dir / doc["artifacts"][name]             # relative to the report's folder
         assert path.is_file() and path.stat().st_size > 0, name
-    assert "<testsuite" in Path(doc["artifacts"]["junit.xml"]).read_text()
+    assert "<testsuite" in (happy.report_dir / doc["artifacts"]["junit.xml"]).read_text()
     md = happy.report_md()
     assert md.splitlines()[0].endswith("PASSED")                # verdict first
     for section in ("## Host and GPU", "## Versions", "## Steps", "## Parity", "## Decode latency",
@@ -66,8 +67,9 @@ def test_warm_rerun_sends_almost_nothing(happy, sshd, workspace, tmp_path):
     assert run.code == 0, run.out[-3000:]
     doc = run.report()
     assert doc["sync"]["method"] == "rsync" and doc["sync"]["bytes_sent"] < 20000
-    assert "0 of" in doc["steps"][2]["detail"]
-    assert "venv reused" in doc["steps"][3]["detail"]
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert "0 of" in steps["sync"]["detail"]
+    assert "venv reused" in steps["install"]["detail"]
     assert doc["sync"]["content_hash"] == happy.report()["sync"]["content_hash"]
 
 
@@ -80,7 +82,7 @@ def test_closed_port_exits_3_within_connect_timeout(tmp_path):
     assert time.monotonic() - t0 < 3 + 5
     doc = run.report()
     assert doc["verdict"] == "UNREACHABLE" and "cannot connect" in doc["error"]
-    assert [s["status"] for s in doc["steps"][1:-1]] == ["skipped"] * 5
+    assert [s["status"] for s in doc["steps"][1:-1]] == ["skipped"] * 6
 
 
 def test_unknown_host_key_refused_then_accepted_new(sshd, tmp_path):
@@ -125,28 +127,8 @@ def test_no_nvidia_smi_with_h100_required_exits_4(sshd, tmp_path):
     assert "GPU REQUIREMENT NOT MET" in run.report_md().splitlines()[0]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _hanging_suite(tmp_path: Path) -> tuple[str, Path]:
-    pids = tmp_path / "pids"
-    script = tmp_path / "hang.sh"
-    script.write_text(f"#!/bin/sh\necho $$ > {pids}\nsleep 300 &\necho $! >> {pids}\necho hanging\nwait\n")
-    script.chmod(0o755)
-    return str(script), pids
-
-
 def test_remote_suite_hang_killed_at_timeout_exits_5(sshd, workspace, tmp_path):
-    script, pids = _hanging_suite(tmp_path)
+    script, pids = hanging_suite(tmp_path)
     t0 = time.monotonic()
     run = deploy(sshd.base_args() + CPU + ["--workspace", str(workspace), "--skip", "sync", "--skip", "install",
                                            "--timeout", "2", "--suite-command", script], tmp_path / "r")
@@ -159,27 +141,27 @@ def test_remote_suite_hang_killed_at_timeout_exits_5(sshd, workspace, tmp_path):
     started = [int(x) for x in pids.read_text().split()]
     assert len(started) == 2
     time.sleep(0.5)
-    assert not any(_alive(p) for p in started), "orphaned remote process"
+    assert not any(alive(p) for p in started), "orphaned remote process"
 
 
 def test_local_deadline_kills_remote_group_over_new_channel(sshd, workspace, tmp_path):
     """The connection-side deadline: the remote `timeout` is far away (100 s); the local one (2 s) must end
     the command and kill its whole process group through a new channel."""
     from pipeline import commands
-    from pipeline.inventory import HostConfig
-    from pipeline.remote import SSHRemote
+    from pipeline.settings import HostConfig
+    from pipeline.ssh import SSHRemote
 
-    script, pids = _hanging_suite(tmp_path)
+    script, pids = hanging_suite(tmp_path)
     cfg = HostConfig(name="t", address="127.0.0.1", port=sshd.port, user=os.environ.get("USER") or "root",
-                     identity=str(sshd.client_key), known_hosts=str(sshd.known_hosts), gpu=None)
+                     identities=(str(sshd.client_key),), known_hosts=(str(sshd.known_hosts),), gpu=None)
     lay = commands.layout(str(workspace))
-    with SSHRemote.connect(cfg) as remote:
+    with SSHRemote(cfg) as remote:
         res = remote.run(commands.suite_command(lay["workspace"], script, 100, 5), timeout=2,
-                         pidfile=lay["pidfile"])
+                         pidfile=lay["suite_pid"])
     assert res.timed_out
     started = [int(x) for x in pids.read_text().split()]
     time.sleep(0.5)
-    assert not any(_alive(p) for p in started), "orphaned remote process"
+    assert not any(alive(p) for p in started), "orphaned remote process"
 
 
 def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
@@ -206,55 +188,21 @@ def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
     assert not (ws / ".flashcore" / "sync-hash").exists()      # the tar path's hash no longer vouches for the tree
 
 
-def _start_hanging_deploy(sshd, workspace, tmp_path):
-    import subprocess
-    script, pids = _hanging_suite(tmp_path)
-    args = [sys.executable, "-m", "pipeline.cli", *sshd.base_args(), *CPU, "--workspace", str(workspace),
-            "--skip", "sync", "--skip", "install", "--timeout", "120", "--suite-command", script,
-            "--report-dir", str(tmp_path / "r")]
-    proc = subprocess.Popen(args, cwd=CODE["root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:                       # wait until the remote suite is really running
-        if "hanging" in line:
-            break
-    return proc, pids
-
-
-def _report(tmp_path):
-    return json.loads(next((tmp_path / "r").glob("*.json")).read_text())
-
-
-def test_interrupt_kills_the_remote_suite_exit_130(sshd, workspace, tmp_path):
+def test_interrupt_kills_the_remote_suite_exit_130(sshd, tmp_path):
+    """Ctrl-C mid-suite: the suite's process group is killed over a new channel, the report says interrupted."""
     import signal
-    proc, pids = _start_hanging_deploy(sshd, workspace, tmp_path)
+    script, pids = hanging_suite(tmp_path)
+    run = Background([*sshd.base_args(), *CPU, "--workspace", str(tmp_path / "ws"), "--skip", "sync", "--skip",
+                      "install", "--timeout", "120", "--suite-command", script], tmp_path / "r")
+    run.wait_for("hanging")
     before = sshd.commands.stat().st_size
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
-    doc = _report(tmp_path)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish().code == 130
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert doc["verdict"] == "INTERRUPTED" and doc["exit_code"] == 130
-    assert "kill -TERM -" in sshd.commands.read_text()[before:]       # killed by us, over a new channel
+    assert "kg " in sshd.commands.read_text()[before:]                # killed by us, over a new channel
     time.sleep(0.5)
-    assert not any(_alive(p) for p in map(int, pids.read_text().split())), "orphaned remote process"
-
-
-def test_dropped_connection_exit_3_report_written_remote_killed(sshd, workspace, tmp_path):
-    """The SSH connection dies mid-suite (its sshd processes are killed): exit 3, the report is still written,
-    and the suite's process group is killed through a fresh connection."""
-    import signal
-    import subprocess
-    proc, pids = _start_hanging_deploy(sshd, workspace, tmp_path)
-    before = sshd.commands.stat().st_size
-    master = int((sshd.dir / "sshd.pid").read_text())
-    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
-    assert children, "no per-connection sshd to kill"
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
-    assert proc.wait(timeout=60) == 3
-    doc = _report(tmp_path)
-    assert doc["verdict"] == "UNREACHABLE" and "connection dropped" in doc["error"]
-    assert {s["name"]: s["status"] for s in doc["steps"]}["suite"] == "failed"
-    assert "kill -TERM -" in sshd.commands.read_text()[before:]       # through a fresh connection
-    time.sleep(0.5)
-    assert not any(_alive(p) for p in map(int, pids.read_text().split())), "orphaned remote process"
+    assert not any(alive(p) for p in map(int, pids.read_text().split())), "orphaned remote process"
 
 
 def test_inventory_group_runs_every_host_worst_exit_code(sshd, tmp_path):
@@ -290,7 +238,7 @@ def test_fab_validate_over_ssh(sshd, tmp_path, code_snapshot):
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert doc["port"] == sshd.port and doc["local"] is False and doc["verdict"] == "PASSED (suite skipped)"
-    assert f"--identity {sshd.client_key}" in doc["reproduce"]
+    assert f"-i {sshd.client_key}" in doc["reproduce"] and doc["reproduce"].startswith("fab -H ")
 
 
 def test_offline_install_from_wheelhouse_over_ssh(sshd, tmp_path, code_snapshot):

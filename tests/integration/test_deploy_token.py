@@ -4,55 +4,20 @@ remote command line (the sshd fixture records every command line it is asked to 
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import deploy, free_port
+from tests.integration.harness import GOOD, NO_ACCESS, REPO_ID, deploy, free_port, start_hub
 
 pytestmark = pytest.mark.integration
-GOOD = "hf_PlantedSecretTokenWithAccess0123456789"
-NO_ACCESS = "hf_PlantedSecretTokenNoAccess9876543210"
-REPO_ID = "example-org/gated-model"
-
-
-class _Hub(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if self.path.startswith("/api/whoami-v2"):
-            if token in (GOOD, NO_ACCESS):
-                return self._send(200, {"type": "user", "name": "planted-user", "auth": {}})
-            return self._send(401, {"error": "Invalid credentials in Authorization header"})
-        if self.path.startswith(f"/api/models/{REPO_ID}/auth-check"):
-            if token == GOOD:
-                return self._send(200, {})
-            return self._send(403, {"error": "gated"}, {"X-Error-Code": "GatedRepo",
-                                                         "X-Error-Message": "Access to this repo is restricted"})
-        return self._send(404, {"error": "not found"}, {"X-Error-Code": "RepoNotFound"})
-
-    def _send(self, code, body, headers=None):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def hub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    url, server = start_hub()
+    yield url
     server.shutdown()
 
 

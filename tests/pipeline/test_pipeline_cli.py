@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,9 @@ def test_help_explains_every_option_and_exit_codes(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["--port", "70000", "--host", "h"], "--port: 70000"),
     (["--host", "h", "--local"], "choose one of"),
-    (["--host", "h", "--skip", "connect"], "invalid choice: 'connect'"),
+    (["--host", "h", "--skip", "connect"], "--skip: 'connect' is not a step that can be skipped"),
     (["--host", "h", "--require-gpu", ""], "--require-gpu"),
-    (["--host", "h", "--timeout", "-1"], "--timeout must be positive"),
+    (["--host", "h", "--timeout", "-1"], "--timeout: '-1' must be a finite number of seconds > 0"),
     (["--host", "h", "--wheelhouse", "/nonexistent/wh"], "--wheelhouse /nonexistent/wh"),
     (["--host", "h", "--identity", "/nonexistent/key"], "--identity /nonexistent/key"),
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -64,6 +65,7 @@ def test_local_run_through_the_local_backend(tmp_path, capsys):
     assert "[local] sync     ok" in out and "PASSED (suite skipped)" in out
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert doc["local"] is True and doc["steps"][0]["detail"].startswith("local, no SSH")
+    assert doc["steps"][1]["name"] == "lock" and doc["steps"][1]["status"] == "ok"
     assert (tmp_path / "ws" / "pipeline" / "steps.py").is_file()
     if doc["device"] == "cpu":
         assert doc["model"] == "tiny" and "No GPU on this host" in doc["notes"][0]
@@ -87,7 +89,7 @@ def test_crashing_suite_without_results_exit_5(tmp_path, capsys):
     assert code == 5
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert "crashed (exit 2) without writing its results" in doc["error"]
-    assert "boom" in Path(doc["artifacts"]["suite.log"]).read_text()
+    assert "boom" in (tmp_path / "r" / doc["artifacts"]["suite.log"]).read_text()
     assert "boom" in {s["name"]: s for s in doc["steps"]}["suite"]["log_tail"]
 
 
@@ -127,3 +129,68 @@ def test_results_not_matching_the_schema_exit_5(tmp_path, capsys):
     assert code == 5
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert "do not match flashcore.parity/1" in doc["error"]
+
+
+def test_report_folder_that_cannot_be_made_exit_2_before_anything_runs(tmp_path, capsys):
+    a_file = tmp_path / "reports"
+    a_file.write_text("not a folder")
+    for report_dir, words in ((a_file, "cannot create it"), (a_file / "sub", "cannot create it")):
+        code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--report-dir", str(report_dir)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--report-dir {report_dir}: {words}" in err and err.count("\n") == 1
+    assert not (tmp_path / "ws").exists()                            # nothing ran
+
+
+def test_template_that_does_not_parse_exit_2(tmp_path, capsys):
+    tpl = tmp_path / "t.md.j2"
+    tpl.write_text("line one\n{% for x in %}\n")
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--template", str(tpl),
+                     "--report-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--template {tpl}: line 2:" in err and err.count("\n") == 1
+    assert not (tmp_path / "ws").exists()
+
+
+def test_template_that_fails_while_rendering_still_leaves_a_report_exit_5(tmp_path, capsys):
+    tpl = tmp_path / "t.md.j2"
+    tpl.write_text("{{ r.host }} {{ 1 / 0 }}\n")
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), "--template", str(tpl), *SKIP_ALL,
+                     "--report-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 5 and "ZeroDivisionError" in err and "the built-in template wrote the report" in err
+    md = next((tmp_path / "r").glob("*.md")).read_text()
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert md.startswith("# flashcore validation — local: ERROR: report step failed")
+    assert doc["exit_code"] == 5 and {s["name"]: s["status"] for s in doc["steps"]}["report"] == "failed"
+
+
+def test_a_dead_runs_leftover_group_is_killed_when_the_lock_is_taken(tmp_path, capsys):
+    """A previous run died without cleaning up (its suite group still runs, its pidfile is there): the next run,
+    holding the lock, knows no one else can own that group, kills it and says so."""
+    rt = tmp_path / "ws" / ".flashcore"
+    rt.mkdir(parents=True)
+    orphan = subprocess.Popen(["sh", "-c", f"echo $$ > {rt / 'suite.pid'}; exec sleep 300"], start_new_session=True)
+    for _ in range(100):
+        if (rt / "suite.pid").exists() and (rt / "suite.pid").read_text().strip():
+            break
+        time.sleep(0.02)
+    code = cli.main(["--local", "--workspace", str(tmp_path / "ws"), *SKIP_ALL, "--report-dir", str(tmp_path / "r")])
+    assert code == 0
+    assert orphan.wait(timeout=10) == -15
+    doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert any(f"left running: {rt / 'suite.pid'}" in n for n in doc["notes"])
+
+
+def test_a_checkout_that_cannot_be_read_is_a_reported_step_error(tmp_path):
+    """run_host never raises: a code root without pyproject.toml ends as a report saying so (exit 5)."""
+    from pipeline.runner import RunOptions, run_host
+    from pipeline.settings import Flags, resolve
+
+    (tmp_path / "empty").mkdir()
+    cfg = resolve(Flags(local=True, workspace=str(tmp_path / "ws")), REPO)[0]
+    res = run_host(cfg, RunOptions(report_dir=str(tmp_path / "r"), code_root=tmp_path / "empty",
+                                   out=lambda line: None))
+    assert (res.verdict, res.exit_code) == ("ERROR: checkout step failed", 5)
+    assert "cannot read the checkout" in res.error and "pyproject.toml" in res.error
+    assert [s.status for s in res.steps] == ["skipped"] * 7 + ["ok"]
+    assert (tmp_path / "r" / res.artifacts["report_md"]).is_file()

@@ -4,7 +4,6 @@ command it builds does what it says."""
 from __future__ import annotations
 
 import os
-import shlex
 import stat
 import subprocess
 import time
@@ -33,29 +32,30 @@ def test_expand_home_and_layout():
     assert c.expand_home("/abs", "/root") == "/abs"
     lay = c.layout("/root/ws/")
     assert lay["venv_python"] == "/root/ws/.venv/bin/python" and lay["token"] == "/root/ws/.flashcore/hf_token"
+    assert c.pidfiles(lay) == tuple(f"/root/ws/.flashcore/{n}.pid" for n in ("install", "token", "suite"))
 
 
-def test_rsync_uses_the_same_ssh_settings():
-    ssh = c.ssh_command_for_rsync(2222, "/keys/id", "/kh/known", 7)
-    argv = shlex.split(ssh)
-    assert argv[:3] == ["ssh", "-p", "2222"]
-    for opt in ("StrictHostKeyChecking=yes", "BatchMode=yes", "ConnectTimeout=7", "UserKnownHostsFile=/kh/known",
-                "IdentitiesOnly=yes"):
-        assert opt in argv
-    assert argv[argv.index("-i") + 1] == "/keys/id"
-    rs = c.rsync_argv("/src/", c.rsync_dest("root", "10.0.0.1", "/root/ws"), ssh, prepare="mkdir -p /root/ws")
+def test_rsync_argv():
+    rs = c.rsync_argv("/src/", "flashcore-target:/root/ws", "ssh -F /tmp/x/config", prepare="mkdir -p /root/ws")
     assert "--rsync-path=mkdir -p /root/ws && rsync" in rs
-    assert rs[0] == "rsync" and "--delete" in rs and rs[rs.index("-e") + 1] == ssh
-    assert rs[-2:] == ["/src/", "root@10.0.0.1:/root/ws/"]
-    assert "--exclude=/.venv/" in rs and "--exclude=__pycache__/" in rs
-    assert c.rsync_dest("u", "::1", "/w") == "u@[::1]:/w"
+    assert rs[0] == "rsync" and "--delete" in rs and rs[rs.index("-e") + 1] == "ssh -F /tmp/x/config"
+    assert rs[-2:] == ["/src/", "flashcore-target:/root/ws/"]
+    assert "--exclude=/.venv/" in rs and "--exclude=__pycache__/" in rs and "--exclude=/.git" in rs
     assert "-e" not in c.rsync_argv("/src", "/dst", None)
 
 
-def test_probe_and_gpu_query_are_single_commands():
-    probe = c.probe_command("/opt/torch/.venv/bin/python3")
+def test_probe_and_gpu_query_are_single_commands(tmp_path):
+    ws = tmp_path / "my ws"
+    (ws / ".flashcore" / "wheelhouse").mkdir(parents=True)
+    (ws / ".flashcore" / "sync-hash").write_text("abc123")
+    (ws / ".flashcore" / "wheelhouse" / "x-1.0-py3-none-any.whl").write_bytes(b"12345")
+    probe = c.probe_command("/opt/torch/.venv/bin/python3", str(ws))
     out = subprocess.run(["sh", "-c", probe], capture_output=True, text=True).stdout
-    assert "home=" in out and "python_version=" in out and "tool.rsync=" in out
+    assert "home=" in out and "python_version=" in out and "tool.rsync=" in out and "tool.flock=" in out
+    assert "sync_hash=abc123" in out and "wheel.x-1.0-py3-none-any.whl=5" in out
+    home = subprocess.run(["sh", "-c", c.probe_command("python3", "~/nowhere-x")], capture_output=True,
+                          text=True, env={**os.environ, "HOME": str(tmp_path)}).stdout
+    assert "sync_hash=\n" in home
     gpu = c.gpu_query_command()
     assert gpu.count("--query-gpu=") == 1 and "compute_cap" in gpu and "mig.mode.current" in gpu
 
@@ -85,8 +85,7 @@ def test_suite_command_runs_in_its_own_group_and_reports_the_exit_code(tmp_path)
     assert f"pp={ws}:/extra:/host" in p.stdout                             # workspace first, nothing lost
     lay = c.layout(str(ws))
     assert "hello" in open(f"{lay['results']}/suite.log").read()
-    pid = int(open(lay["pidfile"]).read())
-    assert pid > 0
+    assert not os.path.exists(lay["suite_pid"])                           # removed when the group ended
 
 
 def test_suite_command_remote_timeout_kills_the_group(tmp_path):
@@ -109,8 +108,9 @@ def test_kill_group_command_kills_by_pidfile(tmp_path):
         if pidfile.exists() and pidfile.read_text().strip():
             break
         time.sleep(0.05)
-    subprocess.run(["sh", "-c", c.kill_group_command(str(pidfile), 0.2)], check=True, timeout=10)
+    subprocess.run(["sh", "-c", c.kill_group_command(str(pidfile))], check=True, timeout=10)
     assert proc.wait(timeout=5) != 0
+    assert not pidfile.exists()
     subprocess.run(["sh", "-c", c.kill_group_command(str(tmp_path / "missing"))], check=True, timeout=5)
 
 

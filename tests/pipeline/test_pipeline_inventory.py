@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import InventoryError, UsageError
-from pipeline.inventory import (GpuSpec, describe_gpu_requirement, load_inventory, parse_gpu_requirement,
-                                parse_inventory, resolve_host, select_hosts)
 from pathlib import Path
 
+from pipeline.errors import InventoryError, UsageError
+from pipeline.inventory import (GpuSpec, describe_gpu_requirement, load_inventory, parse_gpu_requirement,
+                                parse_inventory, select_hosts)
+from pipeline.settings import Flags, layered
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def resolve_host(inv, name):
+    """The inventory's host through the one layering (no ssh_config, no flags)."""
+    return layered(Flags(inventory="inv.yaml", target=name), inv, None)[0][0]
 
 SHAPE = """
 defaults: {user: root, known_hosts: ~/.ssh/known_hosts, gpu: H100, model: llama-3.1-8b}
@@ -27,9 +34,10 @@ def test_issue_shape_and_resolution():
     assert select_hosts(inv, "all") == ["runpod-a", "lab-b"]
     assert select_hosts(inv, "lab-b") == ["lab-b"]
     a, b = resolve_host(inv, "runpod-a"), resolve_host(inv, "lab-b")
-    assert (a.address, a.port, a.user, a.python, a.identity) == \
-        ("203.0.113.7", 22022, "root", "/opt/conda/bin/python", "~/.ssh/runpod")
-    assert (b.port, b.python, b.known_hosts, b.model) == (22, "python3", "~/.ssh/known_hosts", "llama-3.1-8b")
+    assert (a.address, a.port, a.user, a.python, a.identities) == \
+        ("203.0.113.7", 22022, "root", "/opt/conda/bin/python", (str(Path("~/.ssh/runpod").expanduser()),))
+    assert (b.port, b.python, b.known_hosts, b.model) == \
+        (22, "python3", (str(Path("~/.ssh/known_hosts").expanduser()),), "llama-3.1-8b")
     assert a.gpu == GpuSpec(name="H100")
 
 

@@ -6,7 +6,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from pipeline import local
+from pipeline import local, parse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,9 +42,11 @@ def test_requirements_and_spec_hash(tmp_path):
     root = _tree(tmp_path)
     assert local.requirements(root) == ["torch>=2.11", "pytest>=8"]
     assert "pytest>=8" in local.requirements(REPO)
-    h = local.install_spec_hash(["a"], "python3", [])
-    assert h == local.install_spec_hash(["a"], "python3", [])
-    assert h != local.install_spec_hash(["a"], "/opt/py", []) != local.install_spec_hash(["a"], "python3", ["w.whl"])
+    h = parse.install_spec_hash(["a"], "python3", [], b"script")
+    assert h == parse.install_spec_hash(["a"], "python3", [], b"script")
+    assert h != parse.install_spec_hash(["a"], "/opt/py", [], b"script") != \
+        parse.install_spec_hash(["a"], "python3", ["w.whl"], b"script") != \
+        parse.install_spec_hash(["a"], "python3", [], b"another script")
 
 
 def test_hf_token_sources(tmp_path):
@@ -69,3 +71,28 @@ def test_code_root_is_the_checkout_we_run_from(tmp_path):
         (tmp_path / d).mkdir()
     (tmp_path / "pyproject.toml").write_text("")
     assert local.find_code_root(tmp_path) == tmp_path.resolve()
+
+
+def test_git_revision_is_the_checkouts_own_never_an_outer_repositorys(tmp_path):
+    import subprocess
+
+    def git(*args, cwd):
+        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    outer = tmp_path / "outer"
+    nested = outer / "vendor" / "flashcore-copy"
+    nested.mkdir(parents=True)
+    (nested / "x.py").write_text("x = 1\n")
+    git("init", "-q", cwd=outer)
+    git("add", ".", cwd=outer)
+    git("commit", "-qm", "outer", cwd=outer)
+    assert len(local.git_revision(outer)) == 12                          # the outer checkout's own commit
+    assert local.git_revision(nested) == ""                              # a copy inside it: not that commit
+    git("init", "-q", cwd=nested)
+    git("add", ".", cwd=nested)
+    git("commit", "-qm", "inner", cwd=nested)
+    inner = local.git_revision(nested)
+    assert len(inner) == 12 and inner != local.git_revision(outer)       # its own repository: its own commit
+    (nested / "x.py").write_text("x = 2\n")
+    assert local.git_revision(nested) == inner + "+dirty"

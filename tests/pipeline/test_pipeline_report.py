@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.report import render_markdown, write_report
+from pipeline.report import render_markdown, write
 from pipeline.results import REPORT_SCHEMA, GpuInfo, GpuProcess, HostRunResult, StepResult
 
 FIX = Path(__file__).parent / "fixtures"
@@ -42,7 +42,9 @@ def test_failed_parity_report_has_every_section_in_order():
     assert positions == sorted(positions)
     assert "| 0 | NVIDIA H100 80GB HBM3 | 9.0 | 1 / 81559 | 570.133.20 | 12.8 | 0 | Disabled | 4242 python (512 MiB) |" in md
     assert "| batch_4 | " in md and "| 3/4 rows within bounds (row 2 exceeds: err/bound 12.9) | **FAIL** |" in md
-    assert "| single_token | per step err(flashcore vs fp32 ref) <= 2*err(sdpa vs fp32 ref) + eps" in md
+    assert "| single_token | C1 | " in md and "| batch_4 | C4 | " in md              # short names in the table
+    assert md.count("per step err(flashcore vs fp32 ref)") == 3                  # ... each text once, in the legend
+    assert "- **C1**: per step err(flashcore vs fp32 ref) <= 2*err(sdpa vs fp32 ref) + eps" in md
     assert "| max err flashcore 0.00353 vs sdpa 0.0037 (worst err/bound 0.38); top-1 agree 100% vs sdpa 100%; " \
            "confident mismatches 0/1 | pass |" in md
     assert "| cuda_graph | 8.9 | 10.55 | 1.19x | static cache |" in md
@@ -65,23 +67,23 @@ def test_cpu_report_says_so_and_latency_skip_reason():
 
 def test_report_without_parity_and_json_round_trip(tmp_path):
     r = _result(None, verdict="UNREACHABLE", exit_code=3, error="cannot connect")
-    paths = write_report(r, tmp_path, "gpu-box-20261125T120000Z")
-    assert Path(paths["md"]).name == "gpu-box-20261125T120000Z.md"
-    doc = json.loads(Path(paths["json"]).read_text())
+    write(r, tmp_path, "gpu-box-20261125T120000Z")
+    assert (tmp_path / "gpu-box-20261125T120000Z.md").is_file()
+    doc = json.loads((tmp_path / "gpu-box-20261125T120000Z.json").read_text())
     assert doc["schema"] == REPORT_SCHEMA and doc["verdict"] == "UNREACHABLE"
     assert doc["steps"][-1]["name"] == "report" and doc["steps"][-1]["status"] == "ok"
     back = HostRunResult.from_dict(doc)
     assert back == r
-    assert "No parity results" in Path(paths["md"]).read_text()
+    assert "No parity results" in (tmp_path / "gpu-box-20261125T120000Z.md").read_text()
 
 
 def test_secrets_are_scrubbed_from_both_files(tmp_path):
     secret = "hf_ThisMustNeverBeWritten123"
     r = _result(None, verdict="ERROR: token step failed", exit_code=5, error=f"bad {secret}")
     r.steps.append(StepResult("token", "failed", 1.0, f"x {secret}", log_tail=secret))
-    paths = write_report(r, tmp_path, "s", secrets=[secret])
-    for p in paths.values():
-        assert secret not in Path(p).read_text()
+    write(r, tmp_path, "s", secrets=[secret])
+    for p in (tmp_path / "s.md", tmp_path / "s.json"):
+        assert secret in r.error and secret not in p.read_text()
 
 
 def test_user_template(tmp_path):
@@ -103,3 +105,22 @@ def test_real_h100_parity_document_renders():
     assert "| cuda_graph | 8.692 | 10.448 | 1.2x |" in md
     assert "| 16.88 MiB | 67.50 MiB | 4x | 44.94 GiB |" in md
     assert md.count("| pass |") == 5 and "**FAIL**" not in md
+
+
+def test_rendered_once_relative_links_start_in_seconds_left_behind(tmp_path, monkeypatch):
+    from pipeline import report
+
+    r = _result("pass_cpu_tiny.json", verdict="UNREACHABLE", exit_code=3, started_at="2026-11-25T12:00:00+00:00")
+    r.artifacts = {"parity.json": "gpu-box-20261125T120000Z/parity.json", "suite.log": "gpu box/suite.log"}
+    r.left_behind = ["the token file /w/.flashcore/hf_token"]
+    calls = []
+    real = report.render_markdown
+    monkeypatch.setattr(report, "render_markdown", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report.write(r, tmp_path, "s")
+    assert len(calls) == 1                                               # one typed result, rendered once
+    md = (tmp_path / "s.md").read_text()
+    assert "[parity.json](gpu-box-20261125T120000Z/parity.json)" in md and "[suite.log](gpu%20box/suite.log)" in md
+    assert "[report_md](s.md)" in md and str(tmp_path) not in md       # relative to the report's folder
+    assert "| Started | 2026-11-25T12:00:00+00:00 (" in md
+    assert "### Possibly left on the host\n\n- the token file /w/.flashcore/hf_token" in md
+    assert "## Failures\n\nNone." not in md

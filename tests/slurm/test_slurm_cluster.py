@@ -78,7 +78,9 @@ def test_array_runs_the_tiny_suite_on_the_cpu(idle, code_workspace, tmp_path):
         assert (Path(r.task_dir) / "junit.xml").is_file()
     results = slurm.host_results(run, cfg, fetched)   # what the per-GPU reports and the fleet summary take
     assert [(r.host, r.verdict, r.device) for r in results] == [(idle.node, "PASSED", "cpu")] * 2
-    md = Path(report.write_report(results[1], tmp_path / "reports", "task1")["md"]).read_text()
+    (tmp_path / "reports").mkdir()
+    report.write(results[1], tmp_path / "reports", "task1")
+    md = (tmp_path / "reports" / "task1.md").read_text()
     assert f"{idle.node}: PASSED" in md and f"Slurm job {run.job_id}_1" in md
 
 

@@ -10,8 +10,9 @@ import signal
 import pytest
 
 from pipeline import slurm
-from pipeline.inventory import HostConfig
-from pipeline.remote import connect
+from pipeline.remote import Cancel
+from pipeline.settings import HostConfig
+from pipeline.ssh import open_remote
 from tests.integration.harness import KEYGEN, SSHD, start_sshd
 
 
@@ -29,8 +30,9 @@ def test_array_through_the_login_node_over_ssh(idle, login, workspace, tmp_path)
     cfg = slurm.SlurmConfig(workspace=str(workspace), login="127.0.0.1", gpus=2, gpu="none", time="5",
                             env=idle.env, poll_min_s=0.3, poll_max_s=1.0)
     host = HostConfig(name="login", address="127.0.0.1", port=login.port, user=os.environ.get("USER") or "root",
-                      identity=str(login.client_key), known_hosts=str(login.known_hosts))
-    remote = connect(host)
+                      identities=(str(login.client_key),), known_hosts=(str(login.known_hosts),),
+                      known_hosts_given=True)
+    remote = open_remote(host, Cancel())
     try:
         cmd = 'echo "{}" > "$task_dir/parity.json"; [ "$SLURM_ARRAY_TASK_ID" = 0 ]'
         run = slurm.run_array(remote, cfg, slurm.render_script(cfg, suite_command=cmd))

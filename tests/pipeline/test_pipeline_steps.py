@@ -1,0 +1,121 @@
+"""Every step without SSH, pyinfra-style: a fixture file gives the host's config and facts, the operations the
+step must plan (the commands out), the outputs those produce, and the StepResult / error / learned facts the
+step must conclude. A new case is a new file in fixtures/steps/ (STEP.CASE.json), not new test code.
+
+Fixture keys: step, about; cfg (HostConfig fields over name "gpu-a", address 10.0.0.1), probe (default: a root
+host with python3), here (Here fields), device; ops (each: type + fields that must be equal, `contains`:
+substrings of its command), plan_error; outputs (a CommandResult as {exit_code, stdout[_file], stderr,
+timed_out}, a HoldOutput as {held, lines, waited_s}, a Get's text or {text_file} or null, PutTarball's bytes);
+status, detail (substrings), log_tail (substrings), error (class name), exit_code, verdict, learned (subset),
+notes (substrings, or [] for none), artifacts (names); secret_not_in_commands.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline import commands, steps
+from pipeline.errors import verdict_for
+from pipeline.inventory import parse_gpu_requirement
+from pipeline.local import CodeTree
+from pipeline.remote import CommandResult
+from pipeline.settings import HostConfig
+
+FIX = Path(__file__).parent / "fixtures"
+CASES = sorted(p.name.removesuffix(".json") for p in (FIX / "steps").glob("*.json"))
+STEP = {s.name: s for s in steps.STEPS}
+DEFAULT_PROBE = {"home": "/root", "python_path": "/usr/bin/python3", "tool.rsync": "/usr/bin/rsync"}
+
+
+def _facts(case: dict) -> steps.Facts:
+    cfg = dict(case.get("cfg", {}))
+    if "gpu" in cfg:
+        cfg["gpu"] = parse_gpu_requirement(cfg["gpu"] if cfg["gpu"] is not None else "none")
+    config = HostConfig(**{"name": "gpu-a", "address": "10.0.0.1", **cfg})
+    here = {"tree": CodeTree(Path("/src"), ("a.py", "b.py"), "c" * 64, 100), "revision": "abc123def456",
+            "requirements": ["torch>=2.11", "pytest-timeout>=2"],
+            "scripts": {"install.py": b"# install", "token_check.py": b"# token"}, **case.get("here", {})}
+    here["wheels"] = tuple(tuple(w) for w in here.get("wheels", ()))
+    f = steps.Facts(config, steps.Here(**here))
+    f.probe = case.get("probe", DEFAULT_PROBE)
+    f.lay = commands.layout(commands.expand_home(config.workspace, f.probe["home"]))
+    f.device = case.get("device", "")
+    return f
+
+
+def _output(value):
+    if isinstance(value, dict) and "exit_code" in value:
+        stdout = (FIX / value["stdout_file"]).read_text() if "stdout_file" in value else value.get("stdout", "")
+        return CommandResult("(the command)", value["exit_code"], stdout, value.get("stderr", ""), 0.1,
+                             value.get("timed_out", False))
+    if isinstance(value, dict) and "held" in value:
+        return steps.HoldOutput(value["held"], value["lines"], value["waited_s"])
+    if isinstance(value, dict) and "text_file" in value:
+        return (FIX / value["text_file"]).read_text()
+    return value
+
+
+def _subset(actual, expected, where: str) -> None:
+    if isinstance(expected, dict):
+        actual = asdict(actual) if is_dataclass(actual) else actual
+        for k, v in expected.items():
+            _subset(actual[k], v, f"{where}.{k}")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_step_fixture(name):
+    case = json.loads((FIX / "steps" / f"{name}.json").read_text())
+    step, f = STEP[case["step"]], _facts(case)
+    if "plan_error" in case:
+        with pytest.raises(Exception) as e:
+            step.plan(f)
+        assert case["plan_error"] in str(e.value)
+        return
+    ops = step.plan(f)
+    if "ops" in case:
+        assert [type(op).__name__ for op in ops] == [o["type"] for o in case["ops"]], [type(o).__name__ for o in ops]
+        for op, want in zip(ops, case["ops"]):
+            for key, value in want.items():
+                if key == "contains":
+                    for text in value:
+                        assert text in op.command, f"{name}: {text!r} not in {op.command!r}"
+                elif key != "type":
+                    assert getattr(op, key) == value, f"{name}: {type(op).__name__}.{key}"
+    secret = case.get("secret_not_in_commands")
+    if secret:
+        assert all(secret not in getattr(op, "command", "") for op in ops)
+        assert not any(secret in repr(op) for op in ops) and secret not in repr(f)   # not even in a repr
+    if "outputs" not in case:
+        return
+    out = step.conclude(f, [_output(v) for v in case["outputs"]])
+    assert out.step.name == case["step"] and out.step.status == case["status"], out.step
+    for text in case.get("detail", []):
+        assert text in out.step.detail, f"{name}: {text!r} not in {out.step.detail!r}"
+    for text in case.get("log_tail", []):
+        assert text in out.step.log_tail
+    if "error" in case:
+        assert type(out.error).__name__ == case["error"] and str(out.error) == out.step.detail
+        verdict, code = verdict_for(out.error, case["step"], False)
+        assert code == case.get("exit_code", code) and verdict == case.get("verdict", verdict)
+    else:
+        assert out.error is None
+    if "learned" in case:
+        f.learn(out.learned)
+        _subset(f, case["learned"], name)
+    if "notes" in case:
+        notes = out.learned.get("notes", [])
+        assert len(notes) == len(case["notes"]) and all(t in n for t, n in zip(case["notes"], notes)), notes
+    if "artifacts" in case:
+        assert sorted(out.artifacts) == sorted(case["artifacts"])
+
+
+def test_every_step_has_fixtures():
+    covered = {name.split(".")[0] for name in CASES}
+    assert covered == set(STEP), set(STEP) - covered
+    assert [f.name for f in fields(steps.Facts)][:2] == ["cfg", "here"]
