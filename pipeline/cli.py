@@ -24,8 +24,8 @@ from pipeline.remote import Cancel
 from pipeline.history import HistoryStore, default_path
 from pipeline.results import SKIPPABLE_STEPS
 from pipeline.schedule import inventory_lock
-from pipeline.settings import (DEFAULT_PARALLEL, DEFAULTS, Flags, HostConfig, count, describe, gpu_indices, resolve, seconds,
-                               tcp_port)
+from pipeline.settings import (DEFAULT_PARALLEL, DEFAULTS, Flags, HostConfig, count, describe, gpu_indices,
+                               resolve, seconds, tcp_port)
 
 EPILOG = """\
 examples:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline import errors
+from pipeline.history import default_path
 from pipeline.remote import Cancel
 from pipeline.results import HostRunResult
 from pipeline.runner import RunEvent, RunOptions, run_host, unknown_result
@@ -265,7 +266,7 @@ def run_fleet(hosts: Sequence[HostConfig], make_opts: Callable[[HostConfig], Run
     """Every host (at most `fo.parallel` at once), each judged against the history before its report is written,
     then the history recorded and the summary written: (the hosts' results, the fleet's outcome)."""
     started = datetime.now(timezone.utc)
-    judge = Judge(fo.history or Path(fo.report_dir) / "history.sqlite")
+    judge = Judge(fo.history or default_path(fo.report_dir))
 
     def opts_for(cfg: HostConfig, host_cancel: Cancel | None = None) -> RunOptions:
         return dataclasses.replace(make_opts(cfg), cancel=host_cancel or cancel, out=view.line,

@@ -5,11 +5,13 @@
                report path
     metrics    (result, name) -> value       see pipeline/gpu_result.py for the names
     scenarios  (result, name) -> passed
-    versions   (result, name) -> value       driver, cuda, torch, triton, transformers, python, code, revision
+    versions   (result, name) -> value       driver, cuda, torch, triton, transformers, python, gpu_uuid, code,
+                                             revision
 
 The default file is `history.sqlite` beside the reports (`default_path(report_dir)`); any other path can be given
-(`--history FILE`, or the inventory's `history:` key). WAL lets readers (`flashcore-deploy history`) run while a nightly writes, and several writers
-wait for each other (busy timeout) instead of failing. WAL needs a local filesystem (not NFS).
+(`--history FILE`, or the inventory's `history:` key). WAL lets readers (`flashcore-deploy history`) run while
+a nightly writes, and several writers wait for each other (busy timeout) instead of failing. WAL needs a local
+filesystem (not NFS).
 
 Schema versions: `PRAGMA user_version` holds how many entries of MIGRATIONS have been applied; opening a file
 applies the missing ones, each in one transaction that also bumps user_version (so a crash leaves the old version,

@@ -147,8 +147,7 @@ def gpu_indices(text: Any, what: str = "--gpus") -> tuple[int, ...]:
     words = [w.strip() for w in str(text).split(",")]
     if not all(w.isdigit() for w in words):
         raise UsageError(f"{what}: {text!r} is not a list of GPU indices like 0,2")
-    out = tuple(dict.fromkeys(int(w) for w in words))
-    return out
+    return tuple(dict.fromkeys(int(w) for w in words))
 
 
 def count(text: Any, what: str) -> int:
