@@ -72,7 +72,6 @@ class _Job:
     cancel: Cancel
     deadline: float
     limit: float
-    thread: threading.Thread | None = None
     result: HostRunResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -104,8 +103,7 @@ def run_hosts(hosts: Sequence[HostConfig], run_one: Callable[[HostConfig, Cancel
             i, cfg = pending.popleft()
             limit = wall(cfg)
             job = _Job(i, cfg, cancel.child(), time.monotonic() + limit, limit)
-            job.thread = threading.Thread(target=body, args=(job,), name=f"host {cfg.name or cfg.label}", daemon=True)
-            job.thread.start()
+            threading.Thread(target=body, args=(job,), name=f"host {cfg.name or cfg.label}", daemon=True).start()
             active.append(job)
             room -= 1
         try:

@@ -2,7 +2,7 @@
 silent (a listening socket that never speaks), dropped mid-suite (their sshd killed), failing, or past their wall
 limit are each named with the step that broke while the rest pass, and nothing is left running; SIGINT / SIGTERM
 mid-fleet; a planted HF token in no output; two hosts running the real tiny suite into the history; a multi-GPU
-host validating each GPU with a suite of its own at once; `fab -H a,b validate` at once.
+host validating each GPU with a suite of its own at once; `fab -H a,b validate` at once; `fab nightly`.
 
 The suites are the `--suite-command` testing aid (a script whose behaviour each host picks through its inventory
 `env:`) where the real suite is not the point; `test_two_hosts_run_the_real_tiny_suite...` runs the real one."""
@@ -353,3 +353,19 @@ def test_fab_hosts_run_at_once(sshd, tmp_path, code_snapshot):
     starts, ends = [float(t) for w, t in stamps if w == "start"], [float(t) for w, t in stamps if w == "end"]
     assert len(starts) == 2 and max(starts) < min(ends), "the two hosts ran one after the other"
     assert len(summary(tmp_path / "r")["rows"]) == 2
+
+
+def test_fab_nightly_runs_the_inventorys_target_with_its_summary(sshd, tmp_path, code_snapshot):
+    fab = Path(sys.executable).parent / "fab"
+    if not fab.exists():
+        pytest.skip("fab (fabric) not installed in this environment")
+    hosts = {h: on(sshd, tmp_path / "ws" / h) for h in ("n1", "n2")}
+    inv = write_inventory(tmp_path / "inventory.yaml", hosts, group="nightly")
+    skip = [x for s in ("gpu", "sync", "install", "token", "suite") for x in ("--skip", s)]
+    p = subprocess.run([str(fab), "nightly", "--inventory", str(inv), "--target", "nightly", "--parallel", "2",
+                        "--report-dir", str(tmp_path / "r"), *skip], cwd=code_snapshot, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {h: d["verdict"] for h, d in reports(tmp_path / "r").items()} == \
+        {"n1": "PASSED (suite skipped)", "n2": "PASSED (suite skipped)"}
+    assert summary(tmp_path / "r")["target"] == "nightly" and (tmp_path / "r" / "history.sqlite").is_file()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli, fleet, ssh
-from pipeline.errors import (AuthenticationError, Interrupted, UnreachableError, WallTimeout, verdict_for)
+from pipeline.errors import AuthenticationError, HostKeyError, Interrupted, UnreachableError, WallTimeout, verdict_for
 from pipeline.remote import Cancel
 from pipeline.results import HostRunResult
 from pipeline.runner import RunEvent
@@ -181,7 +181,8 @@ def test_transient_connect_failures_are_tried_again_auth_never(monkeypatch):
     assert ssh.connect(cfg, Cancel(), said.append) == ("conn", []) and len(calls) == 3
     assert said[0].endswith("attempt 1 of 3, again in 0.01 s") and len(said) == 2
 
-    for error in (AuthenticationError("auth failed"), UnreachableError("cannot resolve the host name")):
+    for error in (AuthenticationError("auth failed"), HostKeyError("host key CHANGED"),
+                  UnreachableError("cannot resolve the host name")):
         calls.clear()
         monkeypatch.setattr(ssh, "_connect_once", lambda c, e=error: (calls.append(1), (_ for _ in ()).throw(e)))
         with pytest.raises(type(error)):
