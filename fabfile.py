@@ -1,14 +1,19 @@
-"""Fabric tasks for flashcore. `fab validate` runs what `flashcore-deploy` runs (pipeline.cli.execute).
+"""Fabric tasks for flashcore. `fab validate` and `fab nightly` run what `flashcore-deploy` runs
+(pipeline.cli.execute).
 
     fab -H root@203.0.113.7:22022 -i ~/.ssh/runpod validate --python /opt/conda/bin/python
-    fab -H gpu-a,gpu-b validate --model tiny   # every host, even when one fails; the worst exit code at the end
+    fab -H gpu-a,gpu-b validate --model tiny   # every host at once (--parallel), even when one fails; the worst exit
     fab validate                               # the default target of ./inventory.yaml
     fab validate --target nightly              # an inventory host, group, or all
     fab validate --local                       # this machine, no SSH
+    fab nightly                                # the inventory's default target, every host at once, the summary
+    fab nightly --target nightly --parallel 4
 
 With -H, the host's settings come from Fabric's Connection as Fabric resolved them (~/.ssh/config's HostName,
 User, Port, IdentityFile, ProxyJump or a configured gateway, `-i` keys): the task builds its HostConfig from
-that, not from a command line. Run from the repository root (the code synced to the host is this checkout).
+that, not from a command line. Fabric calls `validate` once per -H host, one after another: each call only
+resolves its host; a post-task, run once after them all, validates them together (at most --parallel at once).
+Run from the repository root (the code synced to the host is this checkout).
 """
 
 from __future__ import annotations
@@ -23,15 +28,23 @@ from invoke.exceptions import Exit
 from pipeline import errors
 from pipeline.cli import execute, guarded, make_flags, quiet_libraries, version_line
 from pipeline.local import find_code_root
-from pipeline.settings import fabric_layer, resolve
+from pipeline.settings import Flags, HostConfig, fabric_layer, resolve
 
-_codes: list[int] = []   # this fab invocation's per-host exit codes (-H a,b calls `validate` once per host)
+_pending: list[tuple[Flags, HostConfig, str]] = []   # -H hosts resolved by `validate`, one call per host
 
 
-def _worst_exit(c) -> None:
-    """Runs once after `validate` has run for every -H host (a post-task): the worst exit code, or 0."""
-    code = errors.overall_exit_code(_codes)
-    _codes.clear()
+def _run_collected(c) -> None:
+    """Runs once after `validate` has been called for every -H host (a post-task): all of them at once."""
+    if not _pending:
+        return                                   # no -H: `validate` ran its hosts itself
+    flags = _pending[0][0]
+    hosts = [cfg for _, cfg, _ in _pending]
+    reproduce = {id(cfg): line for _, cfg, line in _pending}
+    _pending.clear()
+    _exit(guarded(lambda: execute(flags, hosts, lambda cfg: reproduce[id(cfg)]), flags.debug))
+
+
+def _exit(code: int) -> None:
     if code:
         raise Exit(code=code)
 
@@ -48,7 +61,7 @@ def _reproduce(c) -> str:
 @task(
     auto_shortflags=False,       # invoke would turn --wheelhouse into -h (and -h must stay help)
     iterable=["skip"],
-    post=[Task(_worst_exit)],
+    post=[Task(_run_collected)],
     help={
         "model": "tiny, llama-3.1-8b (default) or a hub id",
         "require_gpu": "H100 (default), any, or none (runs the suite on the CPU)",
@@ -64,7 +77,11 @@ def _reproduce(c) -> str:
         "connect_timeout": "SSH connect timeout in seconds",
         "lock_timeout": "seconds to wait while another run holds the workspace (then exit 6)",
         "inventory": "inventory file when no -H is given (default inventory.yaml)",
-        "target": "inventory host, group or all",
+        "target": "inventory host, group, all, or @FILE (the hosts a file lists)",
+        "parallel": "hosts validated at once (default 8)",
+        "gpus": "validate these GPUs of each host, e.g. 0,2 (default: every GPU, at once)",
+        "host_timeout": "a host's wall limit in seconds (default: the sum of its steps' limits)",
+        "history": "the history file (default: the inventory's history:, else REPORT_DIR/history.sqlite)",
         "local": "this machine, no SSH",
         "list_hosts": "print what the target selects, then stop",
         "dry_run": "print each step's commands; run nothing",
@@ -75,30 +92,61 @@ def _reproduce(c) -> str:
 def validate(c, model=None, require_gpu=None, python=None, workspace=None, known_hosts=None,
              accept_new_host_key=False, wheelhouse=None, report_dir="reports", template=None, skip=None,
              timeout=None, connect_timeout=None, lock_timeout=None, inventory=None, target=None, local=False,
-             list_hosts=False, dry_run=False, version=False, debug=False):
-    """Validate a GPU host: connect, lock, gpu, sync, install, token, parity suite, report."""
+             parallel=None, gpus=None, host_timeout=None, history=None, list_hosts=False, dry_run=False,
+             version=False, debug=False):
+    """Validate GPU hosts: connect, lock, gpu, sync, install, token, parity suite (per GPU), report."""
     quiet_libraries(debug)
     if version:
         print(version_line())
         return
     host = getattr(c, "host", None)  # a Fabric Connection with -H; a plain invoke Context without
+    given_port = host and str(c.port) != (c.ssh_config or {}).get("port", "22")    # -H h:PORT, not ssh_config
+    raw = dict(
+        host=c.original_host if host else None, port=c.port if given_port else None, local=local,
+        inventory=None if host else inventory, target=None if host else target, model=model,
+        require_gpu=require_gpu, python=python, workspace=workspace, known_hosts=known_hosts,
+        accept_new_host_key=accept_new_host_key, wheelhouse=wheelhouse, report_dir=report_dir, template=template,
+        skip=skip, timeout=timeout, connect_timeout=connect_timeout, lock_timeout=lock_timeout, parallel=parallel,
+        gpus=gpus, host_timeout=host_timeout, history=history, list_hosts=list_hosts, dry_run=dry_run, debug=debug)
+    if host:
+        def collect() -> int:
+            flags = make_flags(**raw)
+            [cfg] = resolve(flags, find_code_root(), base=fabric_layer(c))
+            _pending.append((flags, cfg, _reproduce(c)))
+            return errors.EXIT_OK
+        _exit(guarded(collect, debug))           # bad input: stop here, no host is run
+        return
+    if not (local or target or inventory):
+        raw["inventory"] = "inventory.yaml"
+    _exit(_run(raw, debug))
 
+
+def _run(raw: dict, debug: bool) -> int:
     def go() -> int:
-        given_port = host and str(c.port) != (c.ssh_config or {}).get("port", "22")    # -H h:PORT, not ssh_config
-        flags = make_flags(
-            host=c.original_host if host else None, port=c.port if given_port else None, local=local, inventory=None if host else inventory,
-            target=None if host else target, model=model, require_gpu=require_gpu, python=python,
-            workspace=workspace, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-            wheelhouse=wheelhouse, report_dir=report_dir, template=template, skip=skip, timeout=timeout,
-            connect_timeout=connect_timeout, lock_timeout=lock_timeout, list_hosts=list_hosts, dry_run=dry_run,
-            debug=debug)
-        if not (host or local or target or inventory):
-            flags.inventory = "inventory.yaml"
-        hosts = resolve(flags, find_code_root(), base=fabric_layer(c) if host else None)
-        return execute(flags, hosts, lambda cfg: _reproduce(c) if host else
-                       shlex.join(["fab", *sys.argv[1:]]))
+        flags = make_flags(**raw)
+        return execute(flags, resolve(flags, find_code_root()), lambda cfg: shlex.join(["fab", *sys.argv[1:]]))
+    return guarded(go, debug)
 
-    code = guarded(go, debug)
-    if code == errors.EXIT_USAGE or code > 128:
-        raise Exit(code=code)    # bad input or a signal: stop here, the other hosts are not run
-    _codes.append(code)
+
+@task(
+    auto_shortflags=False,
+    iterable=["skip"],
+    help={
+        "inventory": "the inventory (default inventory.yaml)",
+        "target": "host, group, all or @FILE (default: the inventory's default_target)",
+        "parallel": "hosts validated at once (default 8)",
+        "report_dir": "reports, summary and history (default reports/)",
+        "history": "the history file (default: the inventory's history:, else REPORT_DIR/history.sqlite)",
+        "model": "tiny, llama-3.1-8b (default) or a hub id",
+        "skip": "skip a step: gpu, sync, install, token, suite (repeatable)",
+        "list_hosts": "print what the target selects, then stop",
+        "dry_run": "print each step's commands; run nothing",
+        "debug": "show tracebacks",
+    },
+)
+def nightly(c, inventory="inventory.yaml", target=None, parallel=None, report_dir="reports", history=None,
+            model=None, skip=None, list_hosts=False, dry_run=False, debug=False):
+    """The nightly fleet run: every host of the target at once, one report each, the summary and the history."""
+    quiet_libraries(debug)
+    _exit(_run(dict(inventory=inventory, target=target, parallel=parallel, report_dir=report_dir, history=history,
+                    model=model, skip=skip, list_hosts=list_hosts, dry_run=dry_run, debug=debug), debug))

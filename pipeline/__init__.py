@@ -2,8 +2,10 @@
 
 Read top to bottom as a run flows; each module imports only those below it:
 
-    cli        flashcore-deploy: flags -> Flags, signals, printing, the exit code   (fabfile.py: a sibling shell)
-    runner     one host: the steps in order, cancellation, cleanup, verdict, the report call (`run_host`)
+    cli        flashcore-deploy: flags -> Flags, signals, the inventory's lock, the exit code   (fabfile.py: a sibling)
+    fleet      many hosts at once: the bound, wall limits, live/plain output, then the summary's end
+    summary    the history's judgement, the summary files (history, regression, gpu_result below it)
+    runner     one host: the steps in order (a GPU's suite each at once), cancellation, cleanup, verdict, report
     steps      each step: plan(facts) -> operations, conclude(facts, outputs) -> Outcome (both pure)
     report     one typed result -> Markdown + JSON, rendered once
     ssh        known_hosts, host-key policy, connect (ProxyJump), the exception map, SSHRemote

@@ -1,8 +1,9 @@
-"""flashcore-deploy: validate flashcore on a GPU host (or this machine) and write a Markdown report.
+"""flashcore-deploy: validate flashcore on GPU hosts (or this machine) and write Markdown reports.
 
 A thin shell: argv -> `settings.Flags` -> `settings.resolve` (every check, before anything runs) -> `execute`
-(signals, `runner.run_host` per host, the summary, the exit code). `fabfile.py`'s `fab validate` builds its Flags
-from the task's arguments and Fabric's Connection and calls the same `execute`.
+(signals, the inventory's lock, `fleet.run_fleet`: every host at once within --parallel, the history, the
+summary, the exit code). `fabfile.py`'s `fab validate` and `fab nightly` build their Flags from the task's
+arguments and Fabric's Connection and call the same `execute`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline import __version__, errors, local, report, subcommands
-from pipeline.errors import PipelineError, UsageError, overall_exit_code, signal_name
+from pipeline.errors import PipelineError, UsageError, signal_name
 from pipeline.remote import Cancel
-from pipeline.results import SKIPPABLE_STEPS, HostRunResult
-from pipeline.settings import DEFAULTS, Flags, HostConfig, describe, resolve, seconds, tcp_port
+from pipeline.history import HistoryStore, default_path
+from pipeline.results import SKIPPABLE_STEPS
+from pipeline.schedule import inventory_lock
+from pipeline.settings import (DEFAULT_PARALLEL, DEFAULTS, Flags, HostConfig, count, describe, gpu_indices,
+                               resolve, seconds, tcp_port)
 
 EPILOG = """\
 examples:
@@ -30,17 +34,25 @@ examples:
   flashcore-deploy --host 203.0.113.7 --port 22022 --identity ~/.ssh/runpod --python /opt/conda/bin/python
       one host over SSH: strict host keys, H100 required, the llama-3.1-8b preset
   flashcore-deploy --host gpu-box          (a Host entry of ~/.ssh/config: HostName, User, Port, keys, ProxyJump)
+  flashcore-deploy --inventory inventory.yaml --target nightly --parallel 8
+      every host of a group at once (8 at a time): a report per host, then summary-<UTC>.md/.json/.junit.xml
+  flashcore-deploy --inventory inventory.yaml --target @reports/summary-<UTC>.rerun.txt
+      again the hosts that did not pass
+  flashcore-deploy --host gpu-box --gpus 0,2
+      two GPUs of a host, each its own suite, at once (default: every GPU)
   flashcore-deploy --inventory inventory.yaml --target nightly --list-hosts
       what a target selects; --dry-run prints every step's commands and runs nothing
 
 exit codes:
-  0 all passed   1 the kernels disagree with the reference (parity failed), nothing else
-  2 usage, inventory or input-file error (before anything runs)
+  0 all passed   1 the kernels disagree with the reference (parity failed), or a confirmed regression
+  against the history   2 usage, inventory or input-file error (before anything runs)
   3 host unreachable, authentication or host-key failure, connection dropped
   4 host does not meet the GPU requirement   5 a step failed (sync, install, token, model not loadable,
-  suite crash or timeout, report)   6 busy: another run holds the workspace lock (--lock-timeout)
-  130 interrupted (SIGINT)   143 terminated (SIGTERM)   129 hung up (SIGHUP): the remote suite killed, the
-  token removed, the report written
+  suite crash or timeout, report; a host past its --host-timeout; UNKNOWN: an unexpected error)
+  6 busy: another run holds the workspace lock (--lock-timeout), or this inventory's fleet lock
+  130 interrupted (SIGINT)   143 terminated (SIGTERM)   129 hung up (SIGHUP): the remote suites killed, the
+  token removed, every started host's report written ("INTERRUPTED")
+  several hosts: the highest of them (an interruption wins)
 """
 
 
@@ -66,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--ssh-config", metavar="FILE",
                        help="ssh_config to read (default ~/.ssh/config then /etc/ssh/ssh_config; 'none': none)")
     where.add_argument("--inventory", metavar="FILE", help="inventory.yaml with defaults, hosts and groups")
-    where.add_argument("--target", metavar="NAME", help="inventory host, group or 'all' (instead of --host)")
+    where.add_argument("--target", metavar="NAME",
+                       help="inventory host, group, 'all', or @FILE: the hosts/groups a file lists, one a line "
+                            "(a summary's rerun file) (instead of --host)")
     where.add_argument("--local", action="store_true",
                        help="this machine, no SSH (the default when no host is named)")
     what = p.add_argument_group("what")
@@ -82,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--workspace", metavar="DIR", help=f"remote workspace (default {d.workspace})")
     what.add_argument("--wheelhouse", metavar="DIR",
                       help="local folder of wheels pushed to the host for what it lacks (offline install)")
+    what.add_argument("--gpus", metavar="LIST",
+                      help="validate these GPUs of each host, by nvidia-smi index, e.g. 0,2 (default: every GPU, "
+                           "each with a suite of its own, at once)")
     what.add_argument("--skip", action="append", default=[], metavar="STEP",
                       help=f"skip a step ({', '.join(SKIPPABLE_STEPS)}); repeatable")
     what.add_argument("--timeout", metavar="SECONDS",
@@ -91,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--lock-timeout", metavar="SECONDS",
                       help=f"how long to wait while another run holds the workspace (default {d.lock_timeout:g}; "
                            "then exit 6)")
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument("--parallel", metavar="N", help=f"hosts validated at once (default {DEFAULT_PARALLEL})")
+    fleet.add_argument("--host-timeout", metavar="SECONDS",
+                       help="a host's wall limit, all its steps together (default: the sum of its steps' limits); "
+                            "then it is stopped, cleaned up and reported TIMED OUT, the others go on")
+    fleet.add_argument("--history", metavar="FILE",
+                       help="the history store every run is recorded in (default: the inventory's history:, else "
+                            "REPORT_DIR/history.sqlite)")
     out = p.add_argument_group("output")
     out.add_argument("--report-dir", default="reports", metavar="DIR",
                      help="where REPORT_DIR/<host>-<UTC time>.md and .json go (default reports/)")
@@ -111,12 +136,15 @@ def make_flags(**raw) -> Flags:
     conv = {"port": lambda v: tcp_port(v),
             "timeout": lambda v: seconds(v, "--timeout"),
             "connect_timeout": lambda v: seconds(v, "--connect-timeout"),
-            "lock_timeout": lambda v: seconds(v, "--lock-timeout", allow_zero=True)}
+            "lock_timeout": lambda v: seconds(v, "--lock-timeout", allow_zero=True),
+            "host_timeout": lambda v: seconds(v, "--host-timeout"),
+            "parallel": lambda v: count(v, "--parallel"),
+            "gpus": lambda v: gpu_indices(v)}
     for key, fn in conv.items():
         if raw.get(key) is not None:
             raw[key] = fn(raw[key])
     raw["skip"] = tuple(raw.get("skip") or ())
-    return Flags(**{k: v for k, v in raw.items() if k in Flags.__dataclass_fields__})
+    return Flags(**{k: v for k, v in raw.items() if k in Flags.__dataclass_fields__ and v is not None})
 
 
 def version_line() -> str:
@@ -194,8 +222,24 @@ def dry_run(hosts: list[HostConfig], flags: Flags, code_root: Path) -> None:
             _say(line)
 
 
+def is_fleet(flags: Flags, hosts: list[HostConfig]) -> bool:
+    """Several hosts, or a target that is not one host's name (a group, all, @file): a summary is written and
+    the inventory's lock held. One host alone is recorded in the history only."""
+    return len(hosts) > 1 or bool(flags.target) and flags.target not in {h.name for h in hosts}
+
+
+def history_path(flags: Flags) -> Path:
+    return Path(flags.history).expanduser() if flags.history else default_path(flags.report_dir)
+
+
+def check_history(path: Path) -> None:
+    """The history file opens (SQLite, WAL, a schema this code knows): before anything runs, or exit 2."""
+    with HistoryStore(path):
+        pass
+
+
 def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConfig], str]) -> int:
-    """Run the resolved hosts one after the other (or list them, or print their plans): the exit code."""
+    """Run the resolved hosts, at most --parallel at once (or list them, or print their plans): the exit code."""
     code_root = local.find_code_root()
     if flags.list_hosts:
         for cfg in hosts:
@@ -205,23 +249,26 @@ def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConf
         dry_run(hosts, flags, code_root)
         return errors.EXIT_OK
     check_output(flags)
-    from pipeline.runner import RunOptions, run_host
-    results: list[HostRunResult] = []
-    with signals_cancel(_err) as cancel:
-        for cfg in hosts:
-            if cancel.is_set():
-                _err(f"flashcore-deploy: {cfg.name}: not run ({signal_name(cancel.signum)})")
-                continue
-            opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
-                              template=flags.template, suite_command=flags.suite_command, debug=flags.debug,
-                              reproduce=reproduce(cfg), out=_say, code_root=code_root, cancel=cancel)
-            res = run_host(cfg, opts)
-            results.append(res)
-            _say(f"{res.verdict}: {res.host} (exit {res.exit_code}) report "
-                 f"{Path(flags.report_dir) / res.artifacts.get('report_md', '-')}")
-            if res.exit_code:
-                _err(f"flashcore-deploy: {res.host}: {res.verdict}: {res.error}")
-    return overall_exit_code([r.exit_code for r in results] + ([128 + cancel.signum] if cancel.is_set() else []))
+    history = history_path(flags)
+    check_history(history)
+    from pipeline import fleet
+    from pipeline.runner import RunOptions
+
+    def make_opts(cfg: HostConfig) -> RunOptions:
+        return RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
+                          template=flags.template, suite_command=flags.suite_command, debug=flags.debug,
+                          reproduce=reproduce(cfg), code_root=code_root)
+
+    many = is_fleet(flags, hosts)
+    fo = fleet.FleetOptions(report_dir=flags.report_dir, history=history, parallel=flags.parallel,
+                            target=flags.target or ",".join(h.name for h in hosts), summary=many)
+    view = fleet.LiveView([h.name or h.label for h in hosts]) if many and sys.stdout.isatty() else fleet.PlainView()
+    lock = inventory_lock(flags.inventory) if many and flags.inventory else nullcontext()
+    with lock, signals_cancel(view.error) as cancel:
+        _, outcome = fleet.run_fleet(hosts, make_opts, fo, cancel, view)
+    for kind, path in outcome.paths.items():
+        _say(f"summary {kind}: {path}")
+    return fleet.fleet_exit_code(outcome, cancel)
 
 
 def guarded(fn: Callable[[], int], debug: bool) -> int:

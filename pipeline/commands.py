@@ -4,7 +4,8 @@ Remote layout under the workspace WS (absolute, resolved from the probe's $HOME)
     WS/                 the synced code (flashcore, tests, pyproject ...), imported from here via PYTHONPATH
     WS/.venv/           the --system-site-packages venv built on the host's python (+ a .pth naming its site)
     WS/.flashcore/      runtime files: lock (+ lock.owner), hf_token (0600), results/ (parity.json, junit.xml,
-                        suite.log), *.pid (the process group of a running install, token check or suite)
+                        suite.log; on a GPU host one folder per GPU: results/gpu0/ ...), *.pid (the process group
+                        of a running install, token check or suite; suite-gpu0.pid ... one per GPU)
 """
 
 from __future__ import annotations
@@ -73,8 +74,16 @@ def layout(workspace: str) -> dict[str, str]:
 
 
 def pidfiles(lay: dict[str, str]) -> tuple[str, ...]:
-    """Every process group a run may start on the host."""
+    """The process groups a run starts on the host under fixed names (each GPU's suite adds its own)."""
     return lay["install_pid"], lay["token_pid"], lay["suite_pid"]
+
+
+def suite_paths(lay: dict[str, str], tag: str = "") -> tuple[str, str]:
+    """(results folder, pidfile) of one suite process: `tag` "" = the one suite of a host without GPU (the
+    folder and pidfile of old), "gpu0" ... = one GPU's."""
+    if not tag:
+        return lay["results"], lay["suite_pid"]
+    return f"{lay['results']}/{tag}", f"{lay['runtime']}/suite-{tag}.pid"
 
 
 def workspace_shell(workspace: str) -> str:
@@ -190,23 +199,23 @@ def in_group(command: str, pidfile: str) -> str:
 
 
 def suite_command(workspace: str, inner: str, timeout_s: float, kill_after_s: float,
-                  env: Mapping[str, str] | None = None) -> str:
+                  env: Mapping[str, str] | None = None, tag: str = "") -> str:
     """Run `inner` (a shell command) in the workspace with a remote deadline, as its own process group.
 
     The group's leader `exec`s `timeout`, whose pid is the group id in suite.pid; at the deadline `timeout`
     sends TERM to the whole group (then KILL after `kill_after_s`), so nothing is orphaned. The pipeline's local
     deadline, a little later, kills the same group over a new channel (`kill_group_command`). Output goes to the
     channel (streamed live) and to results/suite.log; the exit status is the suite's (124/137: timed out).
+    `tag` (gpu0 ...): one GPU's suite, with its own results folder and pidfile (`suite_paths`).
     """
-    lay = layout(workspace)
-    rd = lay["results"]
+    rd, pidfile = suite_paths(layout(workspace), tag)
     env = dict(env or {})
     extra_path = env.pop("PYTHONPATH", "")
     envs = " ".join(f"{k}={q(v)}" for k, v in sorted(env.items()))
     body = (f"cd {q(workspace)} && exec env {pythonpath_env(workspace, extra_path)} PYTHONUNBUFFERED=1 "
             f"{envs} timeout --signal=TERM --kill-after={int(kill_after_s)} {int(max(1, timeout_s))} sh -c {q(inner)}")
     return (f"mkdir -p {q(rd)} && rm -f {q(rd)}/parity.json {q(rd)}/junit.xml {q(rd)}/suite.rc && "
-            f"( ( {in_group(body, lay['suite_pid'])} ); echo $? > {q(rd)}/suite.rc ) 2>&1 | tee {q(rd)}/suite.log; "
+            f"( ( {in_group(body, pidfile)} ); echo $? > {q(rd)}/suite.rc ) 2>&1 | tee {q(rd)}/suite.log; "
             f"exit \"$(cat {q(rd)}/suite.rc 2>/dev/null || echo 255)\"")
 
 
@@ -234,15 +243,16 @@ def lock_command(lay: dict[str, str], owner: str) -> str:
     """Hold the workspace lock (flock on WS/.flashcore/lock) for as long as this command's stdin stays open.
 
     Prints `@@busy <owner>` and exits 75 when another run holds it, else kills what a dead run left behind
-    (its process groups: nothing else can be running them, since the lock was free), records `owner`, prints
-    `@@locked flock=yes|no stale=<pidfiles>`, then waits for stdin to close: that is the end of the run, or of
-    its connection. Then it removes the token file and kills this workspace's process groups: a host-side
-    watchdog that cleans up even when the pipeline cannot reconnect after a dropped connection."""
+    (its process groups, WS/.flashcore/*.pid: nothing else can be running them, since the lock was free), records
+    `owner`, prints `@@locked flock=yes|no stale=<pidfiles>`, then waits for stdin to close: that is the end of the
+    run, or of its connection. Then it removes the token file and kills this workspace's process groups: a
+    host-side watchdog that cleans up even when the pipeline cannot reconnect after a dropped connection."""
     rt, who = lay["runtime"], lay["lock_owner"]
-    stale = " ".join(f'[ -s {q(p)} ] && stale="$stale {p}";' for p in pidfiles(lay))
+    every = f"for p in {q(rt)}/*.pid; do [ -e \"$p\" ] && kg \"$p\"; done"
     return (f"mkdir -p {q(rt)} && exec 9>>{q(lay['lock'])} || exit 1; "
             f"if command -v flock >/dev/null 2>&1; then flock -n 9 || "
             f"{{ echo \"@@busy $(cat {q(who)} 2>/dev/null)\"; exit {LOCK_WAITING_EXIT}; }}; fl=yes; else fl=no; fi; "
-            f"stale=; {stale} {kill_group_command(*pidfiles(lay))}; printf '%s\\n' {q(owner)} > {q(who)}; "
+            f"stale=; for p in {q(rt)}/*.pid; do [ -s \"$p\" ] && stale=\"$stale $p\"; done; {_KG}; {every}; "
+            f"printf '%s\\n' {q(owner)} > {q(who)}; "
             f"echo \"@@locked flock=$fl stale=$stale\"; cat > /dev/null; "
-            f"{cleanup_command([lay['token'], who], pidfiles(lay))}")
+            f"rm -f {q(lay['token'])} {q(who)}; {every}; true")

@@ -10,7 +10,11 @@
     ├── GpuRequirementError          4  GPU REQUIREMENT NOT MET      no nvidia-smi, wrong GPU, too few, too little memory
     ├── StepError                    5  ERROR: <step> step failed    sync, install, token, suite crash, model not loadable
     │   └── CommandTimeout           5  ERROR: <step> step failed    a remote command ran past its deadline (and was killed)
+    │       └── WallTimeout          5  TIMED OUT                    the host's whole run passed its wall limit (a fleet)
     ├── BusyError                    6  BUSY                         another run holds the workspace lock (--lock-timeout)
+    │                                                                    or this inventory's local fleet lock
+    ├── UnknownError                 5  UNKNOWN                      an unexpected exception (a bug), or a fleet host whose
+    │                                                                    run never ended: its state is not known
     ├── ParityFailure                1  FAILED: parity               the kernels disagree with the reference: nothing else
     └── Interrupted           128 + N  INTERRUPTED                  SIGINT (130), SIGTERM (143), SIGHUP (129)
 
@@ -52,7 +56,11 @@ class ConnectError(PipelineError):
 
 
 class UnreachableError(ConnectError):
-    pass
+    """`transient`: a failure worth another try (refused, reset, timed out), never an auth or host-key one."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class AuthenticationError(ConnectError):
@@ -76,9 +84,19 @@ class CommandTimeout(StepError):
     pass
 
 
+class WallTimeout(CommandTimeout):
+    """A fleet host's run passed its wall limit: it was stopped (and cleaned up) so the fleet can finish."""
+
+    verdict = "TIMED OUT"
+
+
 class BusyError(PipelineError):
     exit_code = EXIT_BUSY
     verdict = "BUSY"
+
+
+class UnknownError(PipelineError):
+    verdict = "UNKNOWN"
 
 
 class ParityFailure(PipelineError):

@@ -2,12 +2,14 @@
 
     GpuResult        host, GPU (index, UUID, model), status, verdict, failed step, duration, metrics, scenario
                      verdicts, versions, report path
-    gpu_results()    today's HostRunResult -> one GpuResult per GPU the host has
+    gpu_results()    a HostRunResult -> one GpuResult per GPU the host has
     parity_metrics() a flashcore.parity/1 document -> {metric name: value}, unknown scenarios and modes included
 
-Today's runner validates one GPU per host (the suite runs on the default device, GPU 0): a host with N GPUs gives
-a record for GPU 0 with the run's figures and N-1 records named "not run". When the runner runs one suite per GPU
-it produces one GpuResult per GPU directly (with `gpu_result()` below, per GPU) and nothing here changes.
+The runner validates every GPU (or those --gpus selects) with a suite of its own (`HostRunResult.suites`): each
+GPU's record has that suite's verdict and figures; a GPU left out by --gpus is named "not run". A run that stopped
+before its suites gives every selected GPU the host's verdict and failed step. A result with one suite on the
+default device and no per-GPU suites (a Slurm task, a report written before per-GPU runs) gives GPU 0 the run's
+figures and names the others "not run".
 
 Metric names (all floats; direction and gating in `pipeline.regression.METRICS`):
 
@@ -26,12 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline import errors
-from pipeline.results import GpuInfo, HostRunResult
+from pipeline.results import GpuInfo, HostRunResult, SuiteRun
 
 Status = Literal["passed", "failed", "error", "unreachable", "interrupted", "unknown", "not run"]
 NOT_RUN = "not run"
 # versions compared between runs ("environment changed: torch 2.11.0 -> 2.12.0"); the code hash is kept apart
-ENV_KEYS = ("driver", "cuda", "torch", "triton", "transformers", "python")
+ENV_KEYS = ("driver", "cuda", "torch", "triton", "transformers", "python", "gpu_uuid")   # gpu_uuid: a card swapped
 CODE_KEY = "code"
 
 
@@ -77,8 +79,11 @@ class GpuResult:
         return cls(**{k: v for k, v in doc.items() if k in known})
 
 
-def status_for(exit_code: int) -> Status:
-    """Ansible-recap style state of a run from its exit code (pipeline.errors)."""
+def status_for(exit_code: int, verdict: str = "") -> Status:
+    """Ansible-recap style state of a run from its exit code (pipeline.errors); an UNKNOWN verdict (a bug, a host
+    whose run never ended) is "unknown"."""
+    if verdict == "UNKNOWN":
+        return "unknown"
     if exit_code > 128:   # ended by a signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)
         return "interrupted"
     return {errors.EXIT_OK: "passed", errors.EXIT_PARITY: "failed", errors.EXIT_GPU: "failed",
@@ -128,44 +133,78 @@ def scenario_verdicts(doc: dict[str, Any] | None) -> dict[str, bool]:
             if isinstance(s, dict) and s.get("name") and isinstance(s.get("passed"), bool)}
 
 
-def versions_of(result: HostRunResult, gpu: GpuInfo | None) -> dict[str, str]:
+def versions_of(result: HostRunResult, gpu: GpuInfo | None, parity: dict[str, Any] | None = None) -> dict[str, str]:
     v = result.versions
-    suite_env = (result.parity or {}).get("environment") if isinstance(result.parity, dict) else None
+    suite_env = (parity or {}).get("environment") if isinstance(parity, dict) else None
     suite_env = suite_env if isinstance(suite_env, dict) else {}
     out = {
         "driver": gpu.driver_version if gpu else "",
         "cuda": v.get("torch_cuda") or (gpu.cuda_version if gpu else "") or str(suite_env.get("cuda") or ""),
         **{k: v.get(k) or str(suite_env.get(k) or "") for k in ("torch", "triton", "transformers", "python")},
+        "gpu_uuid": gpu.uuid if gpu else "",
         CODE_KEY: v.get("flashcore_content_hash") or result.sync.content_hash,
         "revision": v.get("flashcore_revision", ""),
     }
     return {k: str(x) for k, x in out.items() if x not in (None, "")}
 
 
-def gpu_result(result: HostRunResult, gpu: GpuInfo | None, ran: bool = True) -> GpuResult:
-    """The record of one GPU of `result` (`gpu=None`: a host without GPU). `ran=False`: named, not validated."""
-    failed = result.failed_steps
-    rec = GpuResult(
+def _record(result: HostRunResult, gpu: GpuInfo | None, parity: dict[str, Any] | None = None) -> GpuResult:
+    """The facts every record of `result` shares, for one GPU (`gpu=None`: a host without GPU)."""
+    return GpuResult(
         host=result.host, gpu_index=gpu.index if gpu else None, gpu_uuid=gpu.uuid if gpu else "",
         gpu_name=gpu.name if gpu else ("cpu" if result.device == "cpu" else ""), started_at=result.started_at,
-        report=result.artifacts.get("report_md", ""), versions=versions_of(result, gpu))
-    if not ran:
-        rec.status, rec.verdict = NOT_RUN, NOT_RUN
-        rec.note = "not validated: this run validated GPU 0 only (the suite ran on the default device)"
-        return rec
-    rec.status, rec.verdict, rec.exit_code = status_for(result.exit_code), result.verdict, result.exit_code
-    rec.failed_step = failed[0].name if failed else ""
-    rec.duration_s = result.duration_s
-    rec.metrics, rec.scenarios = parity_metrics(result.parity), scenario_verdicts(result.parity)
-    if gpu and gpu.processes:
-        rec.note = f"{len(gpu.processes)} process(es) already on this GPU"
+        report=result.artifacts.get("report_md", ""), versions=versions_of(result, gpu, parity),
+        duration_s=result.duration_s)
+
+
+def _judged(rec: GpuResult, exit_code: int, verdict: str, failed_step: str, parity: dict[str, Any] | None,
+            note: str = "") -> GpuResult:
+    rec.status, rec.verdict, rec.exit_code = status_for(exit_code, verdict), verdict, exit_code
+    rec.failed_step, rec.note = failed_step, note
+    rec.metrics, rec.scenarios = parity_metrics(parity), scenario_verdicts(parity)
     return rec
 
 
+def _not_run(result: HostRunResult, gpu: GpuInfo, why: str) -> GpuResult:
+    rec = _record(result, gpu)
+    rec.status, rec.verdict, rec.note, rec.duration_s = NOT_RUN, NOT_RUN, why, 0.0
+    return rec
+
+
+def _host_record(result: HostRunResult, gpu: GpuInfo | None) -> GpuResult:
+    """A GPU whose fate is the host's (the run stopped before the suites, or ran one suite for the host)."""
+    failed = result.failed_steps
+    busy = f"{len(gpu.processes)} process(es) already on this GPU" if gpu and gpu.processes else ""
+    return _judged(_record(result, gpu, result.parity), result.exit_code, result.verdict,
+                   failed[0].name if failed else "", result.parity, busy)
+
+
+def _suite_record(result: HostRunResult, suite: SuiteRun, gpu: GpuInfo | None) -> GpuResult:
+    """A GPU validated by a suite of its own: that suite's verdict, failed step and figures."""
+    busy = f"busy: {suite.busy}" if suite.busy else ""
+    return _judged(_record(result, gpu, suite.parity), suite.exit_code, suite.verdict,
+                   "suite" if suite.status == "failed" else "", suite.parity, busy)
+
+
+def _selection(result: HostRunResult) -> str:
+    return ",".join(map(str, result.gpus_selected or []))
+
+
 def gpu_results(result: HostRunResult) -> list[GpuResult]:
-    """Today's HostRunResult -> one GpuResult per GPU: GPU 0 ran, the others are named "not run". A run that
-    stopped before listing GPUs (unreachable, ...) or a host without GPU yields one record without a GPU."""
+    """One GpuResult per GPU of `result` (see the module's docstring); a run that stopped before listing GPUs
+    (unreachable, ...) or a host without GPU yields one record without a GPU."""
     gpus = sorted(result.gpus, key=lambda g: g.index)
+    if result.suites:
+        by_index = {s.gpu_index: s for s in result.suites}
+        if None in by_index or not gpus:
+            return [_suite_record(result, s, None) for s in result.suites]
+        return [_suite_record(result, by_index[g.index], g) if g.index in by_index else
+                _not_run(result, g, f"not selected (--gpus {_selection(result)})") for g in gpus]
     if not gpus or result.device == "cpu":
-        return [gpu_result(result, None)]
-    return [gpu_result(result, g, ran=(i == 0)) for i, g in enumerate(gpus)]
+        return [_host_record(result, None)]
+    if result.parity is not None:   # one suite on the default device: a Slurm task, an older report
+        return [_host_record(result, g) if i == 0 else
+                _not_run(result, g, "not validated: this run validated GPU 0 only (the suite ran on the default "
+                                    "device)") for i, g in enumerate(gpus)]
+    return [_host_record(result, g) if result.gpus_selected is None or g.index in result.gpus_selected else
+            _not_run(result, g, f"not selected (--gpus {_selection(result)})") for g in gpus]

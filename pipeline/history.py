@@ -5,11 +5,13 @@
                report path
     metrics    (result, name) -> value       see pipeline/gpu_result.py for the names
     scenarios  (result, name) -> passed
-    versions   (result, name) -> value       driver, cuda, torch, triton, transformers, python, code, revision
+    versions   (result, name) -> value       driver, cuda, torch, triton, transformers, python, gpu_uuid, code,
+                                             revision
 
 The default file is `history.sqlite` beside the reports (`default_path(report_dir)`); any other path can be given
-(the inventory's `history:` key, once the fleet runner reads it). WAL lets readers (`flashcore-deploy history`) run while a nightly writes, and several writers
-wait for each other (busy timeout) instead of failing. WAL needs a local filesystem (not NFS).
+(`--history FILE`, or the inventory's `history:` key). WAL lets readers (`flashcore-deploy history`) run while
+a nightly writes, and several writers wait for each other (busy timeout) instead of failing. WAL needs a local
+filesystem (not NFS).
 
 Schema versions: `PRAGMA user_version` holds how many entries of MIGRATIONS have been applied; opening a file
 applies the missing ones, each in one transaction that also bumps user_version (so a crash leaves the old version,
@@ -66,6 +68,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE versions (
             result_id INTEGER NOT NULL REFERENCES results(id) ON DELETE CASCADE,
             name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (result_id, name)) WITHOUT ROWID""",
+    ),
+    (  # 2: the baseline is one GPU slot's (host + index + model), not the host's GPUs pooled
+        "CREATE INDEX results_by_slot ON results(host, gpu_index, gpu_name, started_at)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -194,10 +199,13 @@ class HistoryStore:
         return list(out.values())
 
     def earlier(self, cur: GpuResult, limit: int = 100) -> list[GpuResult]:
-        """Results of the same host + GPU model before `cur` (by start time), oldest first: the regression
-        rule's input (`pipeline.regression.assess(cur, store.earlier(cur))`)."""
-        return self._load("host = ? AND gpu_name = ? AND started_at < ? AND status != 'not run'",
-                          (cur.host, cur.gpu_name, utc_iso(cur.started_at)), limit)
+        """Results of the same GPU slot before `cur` (by start time), oldest first: the regression rule's input
+        (`pipeline.regression.assess(cur, store.earlier(cur))`). A slot is the host, the GPU's index there and its
+        model: the GPUs of one node never share a baseline (a bad card cannot hide behind its siblings), and a
+        rented host that comes back with another card of the same model in that slot keeps its history (the UUID
+        is recorded, and a changed one is named beside a flag as an environment change)."""
+        return self._load("host = ? AND gpu_index IS ? AND gpu_name = ? AND started_at < ? AND status != 'not run'",
+                          (cur.host, cur.gpu_index, cur.gpu_name, utc_iso(cur.started_at)), limit)
 
     def results(self, host: str | None = None, last: int | None = None) -> list[GpuResult]:
         """Every result that ran (of one host, when given), oldest first; the newest `last` of them."""

@@ -46,11 +46,11 @@ class Point:
 
 
 def series_points(results: Sequence[GpuResult], metrics: Sequence[str], last: int) -> list[Point]:
-    """Every result judged against its own past (same host + GPU model, as the nightly judged it), the newest
-    `last` per host/GPU slot kept, oldest first."""
-    by_key: dict[tuple[str, str], list[GpuResult]] = {}
+    """Every result judged against its own past (the same GPU slot: host + index + model, as the nightly judged
+    it), the newest `last` per host/GPU slot kept, oldest first."""
+    by_key: dict[tuple[str, int | None, str], list[GpuResult]] = {}
     for r in results:
-        by_key.setdefault((r.host, r.gpu_name), []).append(r)
+        by_key.setdefault((r.host, r.gpu_index, r.gpu_name), []).append(r)
     points: list[Point] = []
     for runs in by_key.values():
         for i, r in enumerate(runs):

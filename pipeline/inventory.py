@@ -88,6 +88,7 @@ class Timeouts(BaseModel):
     install: float | None = Field(None, gt=0, allow_inf_nan=False)
     suite: float | None = Field(None, gt=0, allow_inf_nan=False)
     lock: float | None = Field(None, ge=0, allow_inf_nan=False)
+    host: float | None = Field(None, gt=0, allow_inf_nan=False)   # a fleet host's wall limit, all steps
 
 
 class HostSettings(BaseModel):
@@ -101,6 +102,7 @@ class HostSettings(BaseModel):
     python: str | None = None
     workspace: str | None = None
     gpu: str | GpuSpec | None = None
+    gpus: list[int] | None = Field(None, min_length=1)    # validate these GPUs (nvidia-smi indices); default all
     model: str | None = None
     timeouts: Timeouts | None = None
     env: dict[str, str] | None = None
@@ -117,6 +119,13 @@ class HostSettings(BaseModel):
             return v
         raise ValueError("must be H100 (a name), any, none, or a mapping {name, compute_capability, "
                          "min_count, min_memory_gb}")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError("GPU indices are 0 or more")
+        return list(dict.fromkeys(v)) if v is not None else None
 
     @field_validator("env")
     @classmethod
@@ -147,6 +156,14 @@ class Inventory(BaseModel):
     hosts: dict[str, Host]
     groups: dict[str, list[str]] = {}
     default_target: str | None = None
+    history: str | None = None        # the history store (default: history.sqlite beside the reports)
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty path")
+        return v
 
     @model_validator(mode="after")
     def _names(self) -> Inventory:
@@ -234,6 +251,16 @@ def load_inventory(path: str | Path) -> Inventory:
     except OSError as e:
         raise InventoryError(f"{path}: cannot read inventory ({e.strerror})") from None
     return parse_inventory(data, str(path))
+
+
+def parse_target_file(text: str) -> list[str]:
+    """A `--target @file` list: one host or group per line; blank lines and `#` comments are ignored."""
+    return [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
+
+
+def select_targets(inv: Inventory, targets: list[str | None]) -> list[str]:
+    """The hosts of several targets (a `--target @file`), inventory order kept per target, each host once."""
+    return list(dict.fromkeys(h for t in targets for h in select_hosts(inv, t)))
 
 
 def select_hosts(inv: Inventory, target: str | None) -> list[str]:

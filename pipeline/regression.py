@@ -1,4 +1,5 @@
-"""The regression rule: pure functions over one GPU's result and the earlier results of the same host + GPU model.
+"""The regression rule: pure functions over one GPU's result and the earlier results of the same GPU slot (host +
+GPU index + GPU model: `pipeline.history.HistoryStore.earlier`).
 
 What it follows
 - PyTorch's benchmark regression report (pytorch/test-infra, aws/lambda/benchmark_regression_summary_report,
@@ -15,7 +16,8 @@ What it follows
   the baseline so that a metric that barely moves (graphed latency, err/bound) does not flag on 1% jitter.
 
 The rule (constants below)
-- baseline: median of the last 7 passing runs of the same host + GPU model (at least 3, else "insufficient data")
+- baseline: median of the last 7 passing runs of the same host + GPU model, in the same GPU slot (at least 3, else
+  "insufficient data"): the GPUs of one node are judged apart, so a bad card cannot hide behind its siblings
 - noise: max(1.4826 x MAD, 3% of the baseline)
 - a run is flagged when it is worse than the baseline by more than 3 noise units and by more than 5%; with the
   3% floor the first condition alone already needs more than 9%, so the smallest step it can see is 9%
@@ -179,10 +181,10 @@ def _passing_with(past: Sequence[GpuResult], metric: str) -> list[GpuResult]:
 
 
 def _is_same_gpu(p: GpuResult, cur: GpuResult) -> bool:
-    """The same GPU slot of the host (its index), for "consecutive" and "newly": the baseline pools the host's
-    GPUs of one model, but a bad card must not hide behind a sibling's unflagged runs. Not the UUID: a rented
-    host can come back with another card under the same name (the project's H100 box showed two UUIDs 20
-    minutes apart); the UUID is stored to trace that."""
+    """The same GPU slot of the host (its index), for "consecutive" and "newly". The store already hands over one
+    slot's past; this keeps the rule right on any input. Not the UUID: a rented host can come back with another
+    card under the same name (the project's H100 box showed two UUIDs 20 minutes apart); the UUID is recorded
+    and a change is named beside a flag (ENV_KEYS' gpu_uuid)."""
     return p.gpu_index == cur.gpu_index
 
 
@@ -193,7 +195,7 @@ def _flag_at(past: Sequence[GpuResult], i: int, metric: str, better: str) -> boo
 
 
 def judge_metric(cur: GpuResult, past: Sequence[GpuResult], metric: str) -> Finding | None:
-    """One metric of `cur` against `past` (earlier results of the same host + GPU model, oldest first)."""
+    """One metric of `cur` against `past` (earlier results of the same GPU slot, oldest first)."""
     spec = spec_for(metric)
     if spec is None or metric not in cur.metrics:
         return None
@@ -268,7 +270,7 @@ class Assessment:
 
 
 def assess(cur: GpuResult, past: Sequence[GpuResult]) -> Assessment:
-    """All findings for one GPU's result. `past`: earlier results of the same host + GPU model, oldest first."""
+    """All findings for one GPU's result. `past`: earlier results of the same GPU slot, oldest first."""
     a = Assessment(cur)
     if not cur.ran:
         return a

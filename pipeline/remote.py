@@ -29,7 +29,7 @@ from invoke.exceptions import CommandTimedOut, Failure, ThreadException
 from invoke.runners import Local
 
 from pipeline import commands, parse
-from pipeline.errors import Interrupted, StepError, UnreachableError
+from pipeline.errors import Interrupted, PipelineError, StepError, UnreachableError, WallTimeout
 
 OutputFn = Callable[[str], None]
 POLL_S = 0.05
@@ -54,16 +54,41 @@ class CommandResult:
 
 
 class Cancel:
-    """Set once by the CLI's signal handler (SIGINT, SIGTERM, SIGHUP); every active run observes it."""
+    """Set once by the CLI's signal handler (SIGINT, SIGTERM, SIGHUP); every active run observes it.
+
+    A fleet gives each host a `child()`: the parent's signal reaches every child, and `expire()` stops one host
+    alone (its wall limit) with a WallTimeout instead of an interruption."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum = 0
+        self.reason = ""                      # set by expire(): why this run was stopped without a signal
+        self._children: list[Cancel] = []
+        self._lock = threading.Lock()
 
     def set(self, signum: int) -> None:
-        if not self.event.is_set():
-            self.signum = signum
-            self.event.set()
+        with self._lock:
+            if not self.event.is_set():
+                self.signum = signum
+                self.event.set()
+            children = list(self._children)
+        for c in children:
+            c.set(signum)
+
+    def expire(self, reason: str) -> None:
+        with self._lock:
+            if not self.event.is_set():
+                self.reason = reason
+                self.event.set()
+
+    def child(self) -> Cancel:
+        c = Cancel()
+        with self._lock:
+            self._children.append(c)
+            signum = self.signum if self.event.is_set() else 0
+        if signum:
+            c.set(signum)
+        return c
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -71,8 +96,10 @@ class Cancel:
     def wait(self, seconds: float) -> bool:
         return self.event.wait(seconds)
 
-    def error(self, where: str) -> Interrupted:
+    def error(self, where: str) -> PipelineError:
         from pipeline.errors import signal_name
+        if self.reason and not self.signum:
+            return WallTimeout(f"{self.reason}; stopped during {where}")
         return Interrupted(f"interrupted ({signal_name(self.signum)}) during {where}", self.signum)
 
 

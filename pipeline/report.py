@@ -6,6 +6,7 @@ writes it) and the run says why with a non-zero exit; a template that does not e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import jinja2
 
 from pipeline import parse
 from pipeline.errors import EXIT_OK, EXIT_STEP, UsageError
-from pipeline.results import HostRunResult, StepResult
+from pipeline.results import HostRunResult, StepResult, SuiteRun
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES / "report.md.j2"
@@ -57,10 +58,17 @@ def _cell(value: Any) -> str:
 
 
 def environment(template: Path | None = None) -> jinja2.Environment:
-    loader = jinja2.FileSystemLoader([str(template.parent)] if template else [str(TEMPLATES)])
-    env = jinja2.Environment(loader=loader, undefined=jinja2.ChainableUndefined, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters.update(num=_num, bytes=_bytes, measured=_measured, cell=_cell)
+    """The jinja2 Environment of a template's folder, made once per folder: its templates are compiled once
+    and kept (jinja2's own cache re-reads one only when its file changed), not once per report."""
+    return _environment(str((template.parent if template else TEMPLATES).resolve()))
+
+
+@functools.lru_cache(maxsize=16)
+def _environment(folder: str) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([folder]), undefined=jinja2.ChainableUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters.update(num=_num, bytes=_bytes, measured=_measured, cell=_cell, legend=criteria_legend,
+                       parity_line=lambda doc: parse.parity_summary(doc)[1] if doc else "—")
     return env
 
 
@@ -75,12 +83,25 @@ def criteria_legend(parity: dict[str, Any] | None) -> dict[str, str]:
     return names
 
 
+def _where(s: SuiteRun) -> str:
+    return f" — GPU {s.gpu_index}" + (f" ({s.gpu_uuid})" if s.gpu_uuid else "")
+
+
 def render_markdown(result: HostRunResult, template: str | Path | None = None) -> str:
     path = Path(template) if template else DEFAULT_TEMPLATE
     tpl = environment(path).get_template(path.name)
-    _, summary = parse.parity_summary(result.parity)
+    per_gpu = [s for s in result.suites if s.gpu_index is not None]
+    if len(result.suites) > 1:
+        sections = [(s.parity or {}, _where(s)) for s in result.suites]
+        summary = "; ".join(f"{s.tag}: {parse.parity_summary(s.parity)[1]}" for s in result.suites)
+    else:
+        sections = [(result.parity or {}, "")]
+        _, summary = parse.parity_summary(result.parity)
+    failing = any(sc.get("passed") is False for doc, _ in sections for sc in doc.get("scenarios") or []
+                  if isinstance(sc, dict))
     return tpl.render(r=result, parity=result.parity or {}, parity_summary=summary, failed=result.failed_steps,
-                      criteria=criteria_legend(result.parity))
+                      per_gpu=per_gpu, sections=sections,
+                      scenario_failures=failing)
 
 
 def check_template(template: str | Path) -> None:

@@ -58,6 +58,32 @@ class SyncFacts:
 
 
 @dataclass
+class SuiteRun:
+    """One suite process of a run: on one GPU (pinned with CUDA_VISIBLE_DEVICES, its own results folder) or, on a
+    host without GPU, on the CPU (`gpu_index` None). A host with several GPUs has one per GPU, run at once."""
+
+    gpu_index: int | None = None
+    gpu_uuid: str = ""
+    gpu_name: str = ""
+    cuda_visible_devices: str = ""
+    status: StepStatus = "skipped"
+    verdict: str = ""           # PASSED, FAILED: parity, ERROR: suite step failed, INTERRUPTED ...
+    exit_code: int = 0
+    error: str = ""
+    duration_s: float = 0.0
+    busy: str = ""              # the processes already on this GPU when the run looked ("" = none)
+    parity: dict[str, Any] | None = None
+    command: str = ""
+    log_tail: str = ""
+    artifacts: dict[str, str] = field(default_factory=dict)   # name -> path relative to the report's folder
+
+    @property
+    def tag(self) -> str:
+        """`gpu0`: the GPU's results folder and output prefix ("" for the one suite of a host without GPU)."""
+        return "" if self.gpu_index is None else f"gpu{self.gpu_index}"
+
+
+@dataclass
 class HostRunResult:
     host: str                   # inventory name, or ADDRESS:PORT, or "local"
     address: str
@@ -75,7 +101,9 @@ class HostRunResult:
     gpus: list[GpuInfo] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     sync: SyncFacts = field(default_factory=SyncFacts)
-    parity: dict[str, Any] | None = None   # the suite's flashcore.parity/1 document, as fetched
+    parity: dict[str, Any] | None = None   # the suite's flashcore.parity/1 document when ONE suite ran (else None)
+    suites: list[SuiteRun] = field(default_factory=list)     # one per GPU validated (or the CPU), each its parity
+    gpus_selected: list[int] | None = None  # --gpus / the inventory's gpus: (None: every GPU of the host)
     verdict: str = "not run"
     exit_code: int = 0
     error: str = ""
@@ -83,6 +111,8 @@ class HostRunResult:
     left_behind: list[str] = field(default_factory=list)   # what the cleanup could not remove from the host
     reproduce: str = ""
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
+    regressions: list[str] = field(default_factory=list)   # confirmed regressions against the history (exit 1)
+    flags: list[str] = field(default_factory=list)         # other findings against the history (suspicious ...)
 
     def step(self, name: str) -> StepResult | None:
         return next((s for s in self.steps if s.name == name), None)
@@ -103,4 +133,5 @@ class HostRunResult:
         data["gpus"] = [GpuInfo(**{**g, "processes": [GpuProcess(**p) for p in g.get("processes", [])]})
                         for g in data.get("gpus", [])]
         data["sync"] = SyncFacts(**data.get("sync", {}))
+        data["suites"] = [SuiteRun(**x) for x in data.get("suites", [])]
         return cls(**data)

@@ -13,14 +13,17 @@ Whatever ends a run (success, failure, timeout, a signal, a dropped connection),
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,16 +31,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import commands, local, parse, report
-from pipeline.errors import Interrupted, PipelineError, StepError, signal_name, verdict_for
+from pipeline.errors import Interrupted, PipelineError, StepError, UnknownError, WallTimeout, verdict_for
 from pipeline.inventory import describe_gpu_requirement
 from pipeline.remote import Cancel, LocalRemote, Remote
-from pipeline.results import HostRunResult, StepResult
+from pipeline.results import GpuInfo, HostRunResult, StepResult
 from pipeline.settings import HostConfig, describe
 from pipeline.ssh import TARGET_ALIAS, open_remote, rsync_ssh_config
-from pipeline.steps import (FORWARDED_ENV, STEPS, TINY, Facts, Get, Here, Hold, HoldOutput, Outcome, Put,
-                            PutTarball, Rsync, Run, Step)
+from pipeline.steps import (FORWARDED_ENV, STEPS, SUITE_FILES, TINY, Facts, Get, Here, Hold, HoldOutput, Outcome,
+                            Put, PutTarball, Rsync, Run, Step, SuiteTarget)
 
 LOCK_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """What a run is doing, for a live view (pipeline.fleet): `step` a step (or one GPU's suite, `tag` gpu0)
+    starts; `end` it ended (`status`, `text` its detail); `line` a line of output (redacted, as printed);
+    `done` the run ended (`text` the verdict, `status` the exit code)."""
+
+    host: str
+    kind: str
+    step: str = ""
+    tag: str = ""
+    status: str = ""
+    text: str = ""
 
 
 @dataclass
@@ -54,6 +71,9 @@ class RunOptions:
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     code_root: Path = field(default_factory=local.find_code_root)
     cancel: Cancel = field(default_factory=Cancel)
+    on_event: Callable[[RunEvent], None] | None = None
+    # called with the finished result before its report is written: the history's judgement goes into it
+    judge: Callable[[HostRunResult], None] | None = None
 
 
 def gather_here(cfg: HostConfig, opts: RunOptions, started: datetime) -> Here:
@@ -95,8 +115,17 @@ def reserve_stem(report_dir: Path, host: str, started: datetime) -> str:
     raise StepError(f"{report_dir}: no free report name for {base}")
 
 
+@dataclass
+class _Track:
+    """What one thread of a step last ran: a failed step names that command and its output."""
+
+    last: Run | None = None
+    result: object = None
+
+
 class _Run:
-    """One run's state: the connection, what it must undo, the lines it prints."""
+    """One run's state: the connection, what it must undo, the lines it prints. The suites of several GPUs run in
+    threads at once: what they share is guarded by locks."""
 
     def __init__(self, cfg: HostConfig, opts: RunOptions):
         self.cfg, self.opts = cfg, opts
@@ -106,46 +135,57 @@ class _Run:
         self.pidfiles: list[str] = []          # process groups this run started and did not see end
         self.cleanup_files: list[str] = []     # files that must not outlive the run (the token)
         self.secrets: list[str] = []
-        self.last: Run | None = None
-        self.last_result = None
         self.art_dir: Path | None = None
         self.artifacts: dict[str, str] = {}
         self.left_behind: list[str] = []
         self.notes: list[str] = []
+        self._state = threading.Lock()         # pidfiles, cleanup_files, artifacts
+        self._files = threading.Lock()         # one transfer at a time over the connection (one SFTP client)
 
-    def say(self, text: str) -> None:
-        self.opts.out(parse.redact(text, self.secrets))
+    def say(self, text: str, tag: str = "") -> None:
+        line = parse.redact(text, self.secrets)
+        self.opts.out(line)
+        self.emit("line", tag=tag, text=line)
+
+    def emit(self, kind: str, **kw: str) -> None:
+        if self.opts.on_event is not None:
+            self.opts.on_event(RunEvent(self.label, kind, **kw))
 
     # -- executing one operation
-    def execute(self, op, facts: Facts):
+    def execute(self, op, facts: Facts, track: _Track):
         if isinstance(op, Run):
-            self.last, self.last_result = op, None
-            if op.pidfile and op.pidfile not in self.pidfiles:
-                self.pidfiles.append(op.pidfile)
-            if op.cleanup and op.cleanup not in self.cleanup_files:
-                self.cleanup_files.append(op.cleanup)
-            stream = (lambda line: self.say(f"[{self.label} suite] {line}")) if op.stream else None
+            track.last, track.result = op, None
+            with self._state:
+                if op.pidfile and op.pidfile not in self.pidfiles:
+                    self.pidfiles.append(op.pidfile)
+                if op.cleanup and op.cleanup not in self.cleanup_files:
+                    self.cleanup_files.append(op.cleanup)
+            tag = op.stream
+            stream = (lambda line: self.say(f"[{self.label} {tag}] {line}", tag=tag)) if tag else None
             res = self.remote.run(op.command, timeout=op.timeout, stdin=op.stdin, on_output=stream,
                                   pidfile=op.pidfile)
             if op.pidfile and not res.timed_out:
-                self.pidfiles.remove(op.pidfile)   # it ended (its wrapper removed the pidfile): nothing to kill
-            self.last_result = res
+                with self._state:
+                    self.pidfiles.remove(op.pidfile)   # it ended (its wrapper removed the pidfile): nothing to kill
+            track.result = res
             return res
         if isinstance(op, Rsync):
             dest, ssh = self.remote.rsync_target(op.workspace)
             argv = commands.rsync_argv(op.source, dest, ssh, prepare=op.prepare)
             res = LocalRemote(self.opts.cancel).run(shlex.join(argv), timeout=op.timeout)
-            self.last_result = res
+            track.result = res
             return res
         if isinstance(op, PutTarball):
             blob = local.make_tarball(facts.here.tree)
             with tempfile.NamedTemporaryFile(suffix=".tar.gz") as tmp:
                 tmp.write(blob)
                 tmp.flush()
-                self.remote.put(tmp.name, op.remote_path)
+                with self._files:
+                    self.remote.put(tmp.name, op.remote_path)
             return len(blob)
         if isinstance(op, Put):
-            self.remote.put(op.local_path, op.remote_path)
+            with self._files:
+                self.remote.put(op.local_path, op.remote_path)
             return None
         if isinstance(op, Get):
             return self._get(op)
@@ -161,12 +201,18 @@ class _Run:
     def _get(self, op: Get) -> str | None:
         path = self._artifact_path(op.name)
         try:
-            if not self.remote.get(op.remote_path, str(path)):
-                return None
+            with self._files:
+                if not self.remote.get(op.remote_path, str(path)):
+                    return None
         except StepError:
             return None
-        self.artifacts[op.name] = f"{self.art_dir.name}/{op.name}"
-        return path.read_text(errors="replace")
+        with self._state:
+            self.artifacts[op.name] = f"{self.art_dir.name}/{op.name}"
+        text = path.read_text(errors="replace")
+        clean = parse.redact(text, self.secrets)
+        if clean != text:                      # a suite that printed the token: not into the reports
+            path.write_text(clean)
+        return clean
 
     def _hold(self, op: Hold) -> HoldOutput:
         t0 = time.monotonic()
@@ -192,36 +238,89 @@ class _Run:
             self._artifact_path(name).write_text(parse.redact(text, self.secrets))
             self.artifacts[name] = f"{self.art_dir.name}/{name}"
 
+    def suite_artifacts(self, tag: str) -> dict[str, str]:
+        """The files fetched for one suite (`gpu0/parity.json` ... or, without a tag, `parity.json` ...)."""
+        prefix = f"{tag}/" if tag else ""
+        return {name: self.artifacts[prefix + name] for name in SUITE_FILES if prefix + name in self.artifacts}
+
     # -- one step
     def do(self, step: Step, facts: Facts) -> Outcome:
-        try:
-            if step.name == "connect":
-                self.remote = open_remote(self.cfg, self.opts.cancel)
-            outputs = [self.execute(op, facts) for op in step.plan(facts)]
-            outcome = step.conclude(facts, outputs)
-        except Interrupted as e:              # raised where a command was stopped: say which step
-            e = Interrupted(f"interrupted ({signal_name(e.signum)}) during {step.name}", e.signum)
-            outcome = Outcome(self._failed(step.name, str(e)), error=e)
-        except PipelineError as e:
-            outcome = Outcome(self._failed(step.name, str(e)), error=e)
-        except KeyboardInterrupt:              # no signal handler installed (a library caller): same as SIGINT
-            e = Interrupted(f"interrupted (SIGINT) during {step.name}")
-            outcome = Outcome(self._failed(step.name, str(e)), error=e)
-        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: reported, not lost
-            err = StepError(f"{step.name}: unexpected {type(e).__name__}: {e}")
-            outcome = Outcome(self._failed(step.name, str(err)), error=err)
-            if self.opts.debug:
-                import traceback
-                traceback.print_exc(file=sys.stderr)
+        if step.targets is not None:
+            outcome = self._do_targets(step, facts)
+        else:
+            def body(track: _Track) -> Outcome:
+                if step.name == "connect":
+                    self.remote = open_remote(self.cfg, self.opts.cancel,
+                                              lambda text: self.say(f"[{self.label}] connect  {text}"))
+                return step.conclude(facts, [self.execute(op, facts, track) for op in step.plan(facts)])
+            outcome = self._attempt(step.name, body)
         facts.learn(outcome.learned)
         self.save_artifacts(outcome.artifacts)
         s = outcome.step
         s.detail, s.command, s.log_tail = (parse.redact(x, self.secrets) for x in (s.detail, s.command, s.log_tail))
+        for run in facts.suites if step.targets is not None else ():
+            run.error, run.command, run.log_tail = (parse.redact(x, self.secrets)
+                                                    for x in (run.error, run.command, run.log_tail))
+            run.artifacts = self.suite_artifacts(run.tag)
         return outcome
 
-    def _failed(self, name: str, detail: str) -> StepResult:
-        res = self.last_result
-        command = res.command if res else (self.last.command if self.last else "")
+    def _attempt(self, name: str, body: Callable[[_Track], Outcome]) -> Outcome:
+        """One step's (or one GPU's) plan executed and concluded; whatever it raises becomes its failed outcome."""
+        track = _Track()
+        try:
+            return body(track)
+        except (Interrupted, WallTimeout) as e:   # raised where a command was stopped: say which step
+            e = self.opts.cancel.error(name) if self.opts.cancel.is_set() else e
+            return Outcome(self._failed(name, str(e), track), error=e)
+        except PipelineError as e:
+            return Outcome(self._failed(name, str(e), track), error=e)
+        except KeyboardInterrupt:              # no signal handler installed (a library caller): same as SIGINT
+            e = Interrupted(f"interrupted (SIGINT) during {name}")
+            return Outcome(self._failed(name, str(e), track), error=e)
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: this host's "unknown", not lost
+            err = UnknownError(f"{name}: unexpected {type(e).__name__}: {e}")
+            _debug_traceback(self.opts)
+            return Outcome(self._failed(name, str(err), track), error=err)
+
+    def _do_targets(self, step: Step, facts: Facts) -> Outcome:
+        """A per-GPU step: each target's plan executed and concluded in a thread of its own, all at once, then
+        combined into one outcome."""
+        targets = step.targets(facts)
+        results: list[tuple[SuiteTarget, Outcome] | None] = [None] * len(targets)
+
+        def one(i: int, t: SuiteTarget) -> None:
+            mine = dataclasses.replace(facts, target=t)
+            tag = t.tag or step.name
+            if len(targets) > 1:
+                self.emit("step", step=step.name, tag=tag)
+            t0 = time.monotonic()
+            o = self._attempt(step.name, lambda track: step.conclude(mine, [self.execute(op, mine, track)
+                                                                            for op in step.plan(mine)]))
+            o.step.duration_s = round(time.monotonic() - t0, 3)
+            if len(targets) > 1:
+                self.say(f"[{self.label}] {step.name:8s} {tag}: {o.step.status} ({o.step.duration_s:.2f} s) "
+                         f"{o.step.detail}", tag=tag)
+                self.emit("end", step=step.name, tag=tag, status=o.step.status, text=o.step.detail)
+            results[i] = (t, o)
+
+        if len(targets) == 1:
+            one(0, targets[0])
+        else:
+            threads = [threading.Thread(target=one, args=(i, t), name=f"{self.label} {t.tag}", daemon=True)
+                       for i, t in enumerate(targets)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                try:
+                    th.join()
+                except KeyboardInterrupt:      # a library caller without a signal handler: stop every GPU's suite
+                    self.opts.cancel.set(signal.SIGINT)
+                    th.join()
+        return step.combine(facts, [r for r in results if r is not None])
+
+    def _failed(self, name: str, detail: str, track: _Track) -> StepResult:
+        res = track.result
+        command = res.command if res else (track.last.command if track.last else "")
         return StepResult(name, "failed", detail=detail, command=command,
                           log_tail=parse.tail(res.output, 40) if res else "")
 
@@ -280,12 +379,14 @@ def _run_steps(run: _Run, facts: Facts, result: HostRunResult) -> tuple[Pipeline
             result.steps.append(StepResult(step.name, "failed", detail=str(error)))
             continue
         run.say(f"[{run.label}] {step.name:8s} ...")
+        run.emit("step", step=step.name)
         s0 = time.monotonic()
         outcome = run.do(step, facts)
         outcome.step.duration_s = round(time.monotonic() - s0, 3)
         result.steps.append(outcome.step)
         run.say(f"[{run.label}] {step.name:8s} {outcome.step.status} ({outcome.step.duration_s:.2f} s) "
                 f"{outcome.step.detail}")
+        run.emit("end", step=step.name, status=outcome.step.status, text=outcome.step.detail)
         if outcome.error is not None:
             error, failed_step = outcome.error, step.name
     return error, failed_step
@@ -302,7 +403,8 @@ def _gather(run: _Run, started: datetime) -> Facts:
 
 
 def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
-    """Validate one host: every step in order, the cleanup and the report always. Never raises PipelineError."""
+    """Validate one host: every step in order, the cleanup and the report always. Never raises: a bug shows as
+    this host's UNKNOWN verdict (and the traceback with --debug)."""
     started, t0 = datetime.now(timezone.utc), time.monotonic()
     result = _result(cfg, opts, started)
     run = _Run(cfg, opts)
@@ -317,23 +419,65 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
         error, failed_step = (e if isinstance(e, StepError) else StepError(f"report folder {report_dir}: {e}"),
                               "checkout" if stem else "report")
         result.steps = [StepResult(s.name, "skipped", detail=f"not run: {failed_step} failed") for s in STEPS]
+    except Exception as e:  # noqa: BLE001 - a bug outside the steps: reported as this host's unknown state
+        error, failed_step = UnknownError(f"unexpected {type(e).__name__}: {e}"), "runner"
+        _debug_traceback(opts)
     finally:
-        run.cleanup()
+        _guarded(run.cleanup, run.notes, run, "the cleanup")
     if facts is not None:
         result.model, result.device, result.workspace = facts.model, facts.device, facts.workspace
         result.gpus, result.versions, result.sync, result.parity = facts.gpus, facts.versions, facts.sync, facts.parity
-        result.notes = facts.notes
+        result.suites, result.notes = facts.suites, facts.notes
+    result.gpus_selected = list(cfg.gpus) if cfg.gpus is not None else None
     result.notes += (run.remote.notes if run.remote else []) + run.notes
     result.left_behind, result.artifacts = run.left_behind, dict(run.artifacts)
     result.verdict, result.exit_code = verdict_for(error, failed_step, "suite" in opts.skip)
     result.error = parse.redact(str(error), run.secrets) if error else ""
     result.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.duration_s = round(time.monotonic() - t0, 3)
+    if opts.judge is not None:
+        _guarded(lambda: opts.judge(result), result.notes, run, "the history's judgement")
     if stem:
         report.write(result, report_dir, stem, opts.template, run.secrets)
         step = result.step("report")
         run.say(f"[{run.label}] report   {step.status}: {step.detail}")
+    run.emit("done", status=str(result.exit_code), text=result.verdict)
     return result
+
+
+def unknown_result(cfg: HostConfig, opts: RunOptions, why: str) -> HostRunResult:
+    """The result (and report) of a host whose run failed in a way it could not report itself (an exception out
+    of run_host, a run that never ended): verdict UNKNOWN, what is known said."""
+    started = datetime.now(timezone.utc)
+    result = _result(cfg, opts, started)
+    error = UnknownError(why)
+    result.verdict, result.exit_code = verdict_for(error, "", False)
+    result.error = str(error)
+    result.gpus_selected = list(cfg.gpus) if cfg.gpus is not None else None
+    result.notes = ["The state of this host is not known: see the run's output. Whatever it left running there, "
+                    "the workspace lock's holder kills and removes when this run's connection closes."]
+    result.finished_at = started.isoformat(timespec="seconds")
+    try:
+        stem = reserve_stem(Path(opts.report_dir), result.host, started)
+        report.write(result, Path(opts.report_dir), stem, opts.template)
+    except (OSError, StepError) as e:
+        result.notes.append(f"its report could not be written ({e})")
+    return result
+
+
+def _debug_traceback(opts: RunOptions) -> None:
+    if opts.debug:
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+
+
+def _guarded(fn: Callable[[], None], notes: list[str], run: _Run, what: str) -> None:
+    """Run `fn`; an unexpected exception there is noted in the report (`notes`), never lost and never raised."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"{what} failed unexpectedly ({type(e).__name__}: {parse.redact(str(e), run.secrets)})")
+        _debug_traceback(run.opts)
 
 
 # ------------------------------------------------------------------------------------------------- dry run
@@ -352,6 +496,8 @@ def assumed_facts(cfg: HostConfig, opts: RunOptions) -> Facts:
     facts.device = "cuda" if cfg.gpu is not None else "cpu"
     if facts.device == "cpu" and not cfg.model_explicit:
         facts.model = TINY
+    if facts.device == "cuda" and cfg.gpus:          # the GPUs --gpus names: one suite each
+        facts.gpus = [GpuInfo(index=i, name="(assumed)") for i in cfg.gpus]
     return facts
 
 
@@ -387,11 +533,15 @@ def plan_lines(cfg: HostConfig, opts: RunOptions) -> list[str]:
         if step.name in opts.skip:
             lines.append(f"## {step.name}: skipped (--skip)")
             continue
-        lines.append(f"## {step.name}")
-        try:
-            ops = step.plan(facts)
-        except PipelineError as e:
-            lines.append(f"would fail: {e}")
-            continue
-        lines += [x for op in ops for x in describe_op(op, cfg, facts)] or ["(nothing to run)"]
+        targets = step.targets(facts) if step.targets else [None]
+        for t in targets:
+            mine = dataclasses.replace(facts, target=t)
+            lines.append(f"## {step.name}" + (f" on GPU {t.index} (at once with the others)"
+                                              if t is not None and t.index is not None and len(targets) > 1 else ""))
+            try:
+                ops = step.plan(mine)
+            except PipelineError as e:
+                lines.append(f"would fail: {e}")
+                continue
+            lines += [x for op in ops for x in describe_op(op, cfg, mine)] or ["(nothing to run)"]
     return lines

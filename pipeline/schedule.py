@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.errors import UsageError
+from pipeline.errors import BusyError, UsageError
 
 NAME = "flashcore-nightly"
 _TIME = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
@@ -205,8 +205,8 @@ jobs:
 # ------------------------------------------------------------------------------------------------------- lock
 
 
-class FleetBusy(UsageError):
-    """Another run of the same inventory holds the lock."""
+class FleetBusy(BusyError):
+    """Another run of the same inventory holds the lock: exit 6, like a busy workspace."""
 
 
 def lock_path(inventory: str | Path, lock_dir: str | Path | None = None) -> Path:

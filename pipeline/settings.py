@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.errors import UsageError
 from pipeline.inventory import (GpuSpec, Inventory, describe_gpu_requirement, load_inventory,
-                                parse_gpu_requirement, select_hosts)
+                                parse_gpu_requirement, parse_target_file, select_targets)
 from pipeline.known_hosts import load_known_hosts
 from pipeline.results import SKIPPABLE_STEPS
 
@@ -68,6 +68,8 @@ class HostConfig:
     install_timeout: float = 900.0
     suite_timeout: float = 1800.0
     lock_timeout: float = 300.0                    # how long to wait for another run's workspace lock
+    host_timeout: float | None = None              # a fleet host's wall limit (None: steps.host_deadline)
+    gpus: tuple[int, ...] | None = None            # the GPUs to validate, by nvidia-smi index (None: all)
     env: Mapping[str, str] = field(default_factory=dict)
     local: bool = False
 
@@ -77,6 +79,7 @@ class HostConfig:
 
 
 DEFAULTS = HostConfig(name="", address="")
+DEFAULT_PARALLEL = 8                               # hosts validated at once
 
 
 @dataclass
@@ -103,6 +106,10 @@ class Flags:
     timeout: float | None = None
     connect_timeout: float | None = None
     lock_timeout: float | None = None
+    host_timeout: float | None = None
+    gpus: tuple[int, ...] | None = None
+    parallel: int = DEFAULT_PARALLEL    # hosts validated at once
+    history: str | None = None          # the history file (None: the inventory's history:, else beside the reports)
     report_dir: str = "reports"
     template: str | None = None
     debug: bool = False
@@ -132,6 +139,24 @@ def tcp_port(text: Any, what: str = "--port") -> int:
         raise UsageError(f"{what}: {text!r} is not a TCP port") from None
     if not 1 <= value <= 65535:
         raise UsageError(f"{what}: {value} is not a TCP port (1-65535)")
+    return value
+
+
+def gpu_indices(text: Any, what: str = "--gpus") -> tuple[int, ...]:
+    """`0,2` -> (0, 2): nvidia-smi indices, each once."""
+    words = [w.strip() for w in str(text).split(",")]
+    if not all(w.isdigit() for w in words):
+        raise UsageError(f"{what}: {text!r} is not a list of GPU indices like 0,2")
+    return tuple(dict.fromkeys(int(w) for w in words))
+
+
+def count(text: Any, what: str) -> int:
+    try:
+        value = int(str(text), 10)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not a whole number") from None
+    if value < 1:
+        raise UsageError(f"{what}: {value} must be at least 1")
     return value
 
 
@@ -177,7 +202,7 @@ def check_flags(f: Flags) -> None:
         raise UsageError(f"--host: {f.host!r} is not a host name or address (use --local for this machine)")
     for what, value in (("--user", f.user), ("--python", f.python), ("--workspace", f.workspace),
                         ("--identity", f.identity), ("--known-hosts", f.known_hosts), ("--target", f.target),
-                        ("--report-dir", f.report_dir), ("--model", f.model)):
+                        ("--report-dir", f.report_dir), ("--model", f.model), ("--history", f.history)):
         _text(value, what)
     for step in f.skip:
         if step not in SKIPPABLE_STEPS:
@@ -215,14 +240,15 @@ def _inventory_layer(inv: Inventory, name: str) -> dict[str, Any]:
             "identities": (settings.identity,) if settings.identity else None,
             "known_hosts": (settings.known_hosts,) if settings.known_hosts else None,
             "connect_timeout": t and t.connect, "install_timeout": t and t.install,
-            "suite_timeout": t and t.suite, "lock_timeout": t and t.lock,
+            "suite_timeout": t and t.suite, "lock_timeout": t and t.lock, "host_timeout": t and t.host,
+            "gpus": tuple(settings.gpus) if settings.gpus is not None else None,
         }.items() if v is not None})
     out["address"] = host.address
     out["env"] = {**(d.env or {}), **(host.env or {})}
     return out
 
 
-_LOCAL_FLAGS = ("python", "workspace", "gpu", "model", "suite_timeout", "lock_timeout")
+_LOCAL_FLAGS = ("python", "workspace", "gpu", "model", "suite_timeout", "lock_timeout", "gpus")
 
 
 def _flag_layer(f: Flags) -> dict[str, Any]:
@@ -232,7 +258,7 @@ def _flag_layer(f: Flags) -> dict[str, Any]:
         "gpu": f.require_gpu, "model": f.model, "identities": (f.identity,) if f.identity else None,
         "known_hosts": (f.known_hosts,) if f.known_hosts else None, "jumps": f.jumps,
         "connect_timeout": f.connect_timeout, "suite_timeout": f.timeout, "lock_timeout": f.lock_timeout,
-        "accept_new_host_key": f.accept_new_host_key or None,
+        "host_timeout": f.host_timeout, "gpus": f.gpus, "accept_new_host_key": f.accept_new_host_key or None,
     }.items() if v is not None}
 
 
@@ -329,6 +355,21 @@ def _hop(config, spec: str, where: str) -> Hop:
                user=m["user"] or own.get("user", DEFAULTS.user), identities=own.get("identities", ()))
 
 
+def target_names(target: str | None) -> list[str | None]:
+    """`--target NAME` -> [NAME]; `--target @FILE` -> the names the file lists (a summary's rerun file: one
+    host or group per line, `#` comments)."""
+    if not target or not target.startswith("@"):
+        return [target]
+    path = Path(target[1:]).expanduser()
+    try:
+        names = parse_target_file(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--target {target}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not names:
+        raise UsageError(f"--target {target}: lists no host")
+    return list(names)
+
+
 def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for layer in layers:
@@ -407,7 +448,7 @@ def layered(f: Flags, inv: Inventory | None, ssh_config, presets: tuple[str, ...
         name = f.host if f.port in (None, 22) else f"{f.host}:{f.port}"      # --host NAME [--port P]
         return [(_build(name, merged, presets, ""), "")]
     out = []
-    for name in select_hosts(inv, f.target):
+    for name in select_targets(inv, target_names(f.target)):
         layer = _inventory_layer(inv, name)
         where = f"{f.inventory}: hosts.{name}."
         out.append((_build(name, _merge(layer, _ssh_lookup(ssh_config, layer["address"], where), flags), presets,
@@ -427,6 +468,8 @@ def resolve(f: Flags, code_root: Path, base: dict[str, Any] | None = None) -> li
     if remote and f.host is None and not f.inventory:
         f.inventory = "inventory.yaml"
     inv = load_inventory(f.inventory) if remote and f.host is None else None
+    if inv is not None and inv.history and not f.history:
+        f.history = inv.history
     ssh_config = load_ssh_config(f.ssh_config) if remote and base is None else None
     hosts = layered(f, inv, ssh_config, presets, base)
     for cfg, where in hosts:
@@ -442,6 +485,7 @@ def describe(cfg: HostConfig) -> str:
         where = f"{cfg.user}@{cfg.address}:{cfg.port}"
         if cfg.jumps:
             where += " via " + ", ".join(h.spec() for h in cfg.jumps)
-    return (f"{cfg.name}\t{where}\tmodel {cfg.model}\tgpu {describe_gpu_requirement(cfg.gpu)}\t"
+    gpus = f" (GPUs {','.join(map(str, cfg.gpus))})" if cfg.gpus is not None else ""
+    return (f"{cfg.name}\t{where}\tmodel {cfg.model}\tgpu {describe_gpu_requirement(cfg.gpu)}{gpus}\t"
             f"python {cfg.python}\tworkspace {cfg.workspace}")
 

@@ -9,11 +9,14 @@ even if listed.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import socket
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fabric.runners import Remote as FabricRemote
@@ -25,6 +28,8 @@ from pipeline.remote import Cancel, FeedStdinAtOnce, LocalRemote, Remote
 from pipeline.settings import HostConfig
 
 KEEPALIVE_S = 15
+CONNECT_BACKOFF_S = (1.0, 2.0)             # transient failures: tried again after 1 s, then 2 s (3 attempts)
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT}
 TARGET_ALIAS = "flashcore-target"          # the names rsync's ssh knows the hosts by (its own config file)
 HOP_ALIAS = "flashcore-hop-{}"
 
@@ -83,14 +88,20 @@ def map_exception(e: BaseException, where: str, cfg: HostConfig, known: KnownHos
         return AuthenticationError(f"{where}: authentication failed ({keys}): {e}")
     if isinstance(e, NoValidConnectionsError):
         reasons = "; ".join(sorted({os.strerror(x.errno) if x.errno else str(x) for x in e.errors.values()}))
-        return UnreachableError(f"{where}: cannot connect ({reasons})")
+        transient = all(x.errno in _TRANSIENT_ERRNOS for x in e.errors.values())
+        return UnreachableError(f"{where}: cannot connect ({reasons})", transient)
     if isinstance(e, (TimeoutError, socket.timeout)):
-        return UnreachableError(f"{where}: connection timed out after {cfg.connect_timeout:g} s")
+        return UnreachableError(f"{where}: connection timed out after {cfg.connect_timeout:g} s", True)
     if isinstance(e, socket.gaierror):
         return UnreachableError(f"{where}: cannot resolve the host name ({e.strerror})")
     if isinstance(e, ChannelException):
-        return UnreachableError(f"{where}: the jump host could not open a channel to it ({e})")
-    if isinstance(e, (SSHException, EOFError, OSError)):
+        return UnreachableError(f"{where}: the jump host could not open a channel to it ({e})", True)
+    if isinstance(e, SSHException) and ("protocol banner" in str(e) or "No existing session" in str(e)):
+        # TCP accepted, no SSH banner (or no finished handshake: paramiko's "No existing session") in time
+        return UnreachableError(f"{where}: no SSH banner or handshake within {cfg.connect_timeout:g} s ({e})", True)
+    if isinstance(e, (EOFError, ConnectionResetError, ConnectionAbortedError)):   # closed during the handshake
+        return UnreachableError(f"{where}: the connection was reset ({type(e).__name__}: {e})", True)
+    if isinstance(e, (SSHException, OSError)):
         return UnreachableError(f"{where}: SSH failed ({type(e).__name__}: {e})")
     return UnreachableError(f"{where}: {type(e).__name__}: {e}")
 
@@ -114,8 +125,27 @@ def _connection(address: str, port: int, user: str, identities: tuple[str, ...],
     return conn
 
 
-def connect(cfg: HostConfig) -> tuple[object, list]:
-    """(the target's open Fabric Connection, the open hop Connections), or a ConnectError."""
+def connect(cfg: HostConfig, cancel: Cancel | None = None,
+            say: Callable[[str], None] | None = None) -> tuple[object, list]:
+    """(the target's open Fabric Connection, the open hop Connections), or a ConnectError. A transient failure
+    (refused, reset, timed out, no banner) is tried again after each CONNECT_BACKOFF_S delay; authentication and
+    host-key failures never are. `cancel` cuts the wait short; `say` tells of each retry."""
+    for attempt, delay in enumerate((*CONNECT_BACKOFF_S, None), start=1):
+        try:
+            return _connect_once(cfg)
+        except UnreachableError as e:
+            if delay is None or not e.transient:
+                raise
+            if say:
+                say(f"{e}; attempt {attempt} of {len(CONNECT_BACKOFF_S) + 1}, again in {delay:g} s")
+            if cancel is not None and cancel.wait(delay):
+                raise cancel.error("connect") from None
+            if cancel is None:
+                time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _connect_once(cfg: HostConfig) -> tuple[object, list]:
     known = load_known_hosts(cfg.known_hosts)
     hops, gateway, via = [], None, ""
     try:
@@ -192,10 +222,10 @@ class SSHRemote(Remote):
     """A host over SSH: commands through Fabric's Remote runner, files over SFTP or, on a host without an SFTP
     subsystem, over the exec channel (`cat` in, base64 out: what Ansible does there)."""
 
-    def __init__(self, cfg: HostConfig, cancel: Cancel | None = None):
+    def __init__(self, cfg: HostConfig, cancel: Cancel | None = None, say: Callable[[str], None] | None = None):
         super().__init__(cancel)
-        self.cfg, self.label = cfg, cfg.name or cfg.label
-        self.conn, self.hops = connect(cfg)
+        self.cfg, self.label, self.say = cfg, cfg.name or cfg.label, say
+        self.conn, self.hops = connect(cfg, self.cancel, say)
         self._sftp_ok: bool | None = None
         self._ssh_dir: str | None = None
 
@@ -255,7 +285,7 @@ class SSHRemote(Remote):
     def reconnect(self) -> SSHRemote:
         """A fresh connection with the same settings (after a dropped one), for the cleanup."""
         self.close()
-        return SSHRemote(self.cfg)
+        return SSHRemote(self.cfg, Cancel(), self.say)
 
     def close(self):
         for c in (self.conn, *reversed(self.hops)):
@@ -269,7 +299,7 @@ class SSHRemote(Remote):
             self._ssh_dir = None
 
 
-def open_remote(cfg: HostConfig, cancel: Cancel) -> Remote:
+def open_remote(cfg: HostConfig, cancel: Cancel, say: Callable[[str], None] | None = None) -> Remote:
     """The host's Remote: this machine for --local, else an SSH connection (or a ConnectError)."""
-    return LocalRemote(cancel) if cfg.local else SSHRemote(cfg, cancel)
+    return LocalRemote(cancel) if cfg.local else SSHRemote(cfg, cancel, say)
 

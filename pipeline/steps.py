@@ -5,23 +5,26 @@ executes the plans (timeouts, cancellation, cleanup, verdict, report); `--dry-ru
 
     connect -> lock -> gpu -> sync -> install -> token -> suite          (then the report, always)
 
+The suite runs once per GPU the host has (or `--gpus` selects), at once: `suite_targets(facts)` names them, the
+runner plans and concludes the step for each (`facts.target` set), then `combine_suites` makes one step of them.
 Adding a step is one plan function, one conclude function and one line in STEPS.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from pipeline import commands, parse
 from pipeline.errors import (BusyError, CommandTimeout, GpuRequirementError, ParityFailure, PipelineError,
-                             StepError)
+                             StepError, overall_exit_code, verdict_for)
 from pipeline.local import CodeTree
 from pipeline.remote import CommandResult
-from pipeline.results import GpuInfo, StepResult, SyncFacts
+from pipeline.results import GpuInfo, StepResult, SuiteRun, SyncFacts
 from pipeline.settings import HostConfig
 
 TINY = "tiny"
@@ -40,7 +43,7 @@ class Run:
     stdin: bytes | None = field(default=None, repr=False)
     stdin_label: str = ""          # what the dry run shows instead of the bytes (a script's name, "<the HF token>")
     pidfile: str | None = None     # it runs as its own process group: killed on timeout, cancel, dropped connection
-    stream: bool = False           # its output is shown live
+    stream: str = ""               # its output is shown live, each line tagged with this ("suite", "gpu1")
     cleanup: str | None = None     # a file this command creates that must not outlive the run (the token)
 
 
@@ -112,6 +115,23 @@ class Here:
     owner: str = ""                                    # this run, as the lock shows it: user@machine, pid, since
 
 
+@dataclass(frozen=True)
+class SuiteTarget:
+    """Where one suite process runs: one GPU, pinned with CUDA_VISIBLE_DEVICES (nvidia-smi's index, in PCI bus
+    order), or, `index` None, the default device (the CPU of a host without GPU, or a host whose GPUs were not
+    looked at: --skip gpu)."""
+
+    index: int | None = None
+    uuid: str = ""
+    name: str = ""
+    busy: str = ""                 # the processes already on it ("" = none)
+
+    @property
+    def tag(self) -> str:
+        """The GPU's results folder, pidfile and output prefix (`gpu0`); "" for the default device."""
+        return "" if self.index is None else f"gpu{self.index}"
+
+
 @dataclass
 class Facts:
     """What the steps know: the host's config, this machine's facts, then what each step learned."""
@@ -130,7 +150,9 @@ class Facts:
     versions: dict[str, str] = field(default_factory=dict)
     sync: SyncFacts = field(default_factory=SyncFacts)
     parity: dict[str, Any] | None = None
+    suites: list[SuiteRun] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    target: SuiteTarget | None = None     # set on the copy of the facts a per-GPU plan/conclude is given
 
     def __post_init__(self) -> None:
         self.model = self.model or self.cfg.model
@@ -230,11 +252,36 @@ def plan_gpu(f: Facts) -> list[Op]:
     return [Run(commands.gpu_query_command(), timeout=60)]
 
 
+def busy_text(gpu: GpuInfo) -> str:
+    """`2 processes: pid 4242 python (30000 MiB), ...` or "" for a GPU nobody uses."""
+    if not gpu.processes:
+        return ""
+    procs = ", ".join(f"pid {p.pid} {p.name}" + (f" ({p.used_memory_mib} MiB)" if p.used_memory_mib else "")
+                      for p in gpu.processes)
+    return f"{len(gpu.processes)} process{'es' if len(gpu.processes) > 1 else ''}: {procs}"
+
+
+def _selected(f: Facts, gpus: Sequence[GpuInfo]) -> list[GpuInfo]:
+    return sorted((g for g in gpus if f.cfg.gpus is None or g.index in f.cfg.gpus), key=lambda g: g.index)
+
+
+def _selection_error(f: Facts, gpus: Sequence[GpuInfo]) -> str:
+    """Why --gpus cannot be honoured on this host ('' when it can)."""
+    if f.cfg.gpus is None:
+        return ""
+    have = sorted(g.index for g in gpus)
+    missing = [i for i in f.cfg.gpus if i not in have]
+    if not missing:
+        return ""
+    return (f"--gpus {','.join(map(str, f.cfg.gpus))}: the host has no GPU {', '.join(map(str, missing))} "
+            f"(it has {', '.join(map(str, have)) or 'none'})")
+
+
 def conclude_gpu(f: Facts, out: list) -> Outcome:
     res: CommandResult = out[0]
     probe = parse.parse_gpu_query(res.stdout)
     artifacts = {"nvidia-smi.txt": res.stdout} if probe.nvidia_smi else {}   # a new host's output: a new fixture
-    why = parse.check_gpu_requirement(f.cfg.gpu, probe)
+    why = parse.check_gpu_requirement(f.cfg.gpu, probe) or _selection_error(f, probe.gpus)
     if why:
         o = _failed("gpu", GpuRequirementError(why), res, gpus=probe.gpus)
         o.artifacts = artifacts
@@ -247,10 +294,14 @@ def conclude_gpu(f: Facts, out: list) -> Outcome:
             ", ".join(x.name for x in probe.gpus)
         detail = (f"{names} (cc {g.compute_capability}, {g.memory_total_mib} MiB, driver {g.driver_version}, "
                   f"CUDA {g.cuda_version or '?'})")
-        busy = sum(len(x.processes) for x in probe.gpus)
+        chosen = _selected(f, probe.gpus)
+        if f.cfg.gpus is not None:
+            detail += "; validating " + ", ".join(f"gpu{x.index}" for x in chosen) + " (--gpus)"
+        busy = [x for x in chosen if x.processes]
         if busy:
-            detail += f"; {busy} process(es) already on the GPU"
-            learned["notes"] = [f"{busy} process(es) were already running on the GPU(s): timings may suffer."]
+            detail += "; busy: " + ", ".join(f"gpu{x.index} ({len(x.processes)} process(es))" for x in busy)
+            learned["notes"] = [f"GPU {x.index} ({x.uuid or x.name}) was busy: {busy_text(x)}. It was validated; "
+                                "its timings may suffer." for x in busy]
     else:
         learned["device"] = "cpu"
         model = f.model
@@ -399,17 +450,36 @@ def conclude_token(f: Facts, out: list) -> Outcome:
     return _ok("token", f"token from {f.here.token_source}: {doc.get('detail', '')}", res.command)
 
 
+def suite_targets(f: Facts) -> list[SuiteTarget]:
+    """One suite process per GPU validated (those --gpus selects, else all), or one on the default device."""
+    if f.device != "cuda" or not f.gpus:
+        return [SuiteTarget()]
+    return [SuiteTarget(g.index, g.uuid, g.name, busy_text(g)) for g in _selected(f, f.gpus)]
+
+
+def _artifact(t: SuiteTarget, name: str) -> str:
+    """A fetched file's name beside the report: `gpu0/parity.json`, or `parity.json` for the default device."""
+    return f"{t.tag}/{name}" if t.tag else name
+
+
+SUITE_FILES = ("parity.json", "junit.xml", "suite.log")
+
+
 def plan_suite(f: Facts) -> list[Op]:
-    lay, res_dir = f.lay, f.lay["results"]
+    t = f.target or SuiteTarget()
+    lay = f.lay
+    res_dir, pidfile = commands.suite_paths(lay, t.tag)
     json_path, junit_path = f"{res_dir}/parity.json", f"{res_dir}/junit.xml"
     env = {**_forwarded_env(f), "FLASHCORE_PARITY_JSON": json_path, "FLASHCORE_JUNIT": junit_path}
+    if t.index is not None:   # pinned: the process sees this one GPU as cuda:0 (nvidia-smi's index = PCI bus order)
+        env.update(CUDA_VISIBLE_DEVICES=str(t.index), CUDA_DEVICE_ORDER="PCI_BUS_ID")
     if is_hub_model(f.model) and f.here.token:
         env["HF_TOKEN_PATH"] = lay["token"]
     inner = f.suite_command or shlex.join(
         commands.pytest_argv(_python(f), f.model, json_path, junit_path, f.device or None))
-    cmd = commands.suite_command(lay["workspace"], inner, f.cfg.suite_timeout, f.kill_after_s, env)
-    return [Run(cmd, timeout=suite_deadline(f), pidfile=lay["suite_pid"], stream=True),
-            *(Get(f"{res_dir}/{name}", name) for name in ("parity.json", "junit.xml", "suite.log"))]
+    cmd = commands.suite_command(lay["workspace"], inner, f.cfg.suite_timeout, f.kill_after_s, env, tag=t.tag)
+    return [Run(cmd, timeout=suite_deadline(f), pidfile=pidfile, stream=t.tag or "suite"),
+            *(Get(f"{res_dir}/{name}", _artifact(t, name)) for name in SUITE_FILES)]
 
 
 def suite_deadline(f: Facts) -> float:
@@ -418,9 +488,10 @@ def suite_deadline(f: Facts) -> float:
 
 
 def conclude_suite(f: Facts, out: list) -> Outcome:
+    t = f.target or SuiteTarget()
     res: CommandResult = out[0]
     parity_text, log = out[1], out[3]
-    artifacts = {} if log is not None else {"suite.log": res.output}   # the remote log is gone: what streamed
+    artifacts = {} if log is not None else {_artifact(t, "suite.log"): res.output}   # the remote log is gone
     doc = None
     if parity_text:
         try:
@@ -433,13 +504,58 @@ def conclude_suite(f: Facts, out: list) -> Outcome:
         learned["versions"] = {f"suite_{k}": str(envd[k]) for k in ("device", "device_kind", "cuda", "triton_interpret")
                                if envd.get(k) not in (None, "")}
     error = _suite_error(f, res, doc)
+    on = f" on GPU {t.index}" if t.index is not None else ""
     if error is not None:
         o = _failed("suite", error, res, **learned)
     else:
         _, summary = parse.parity_summary(doc)
-        o = _ok("suite", f"{summary} ({f.model} on {f.device or 'default device'})", res.command, **learned)
+        o = _ok("suite", f"{summary} ({f.model} on {f.device or 'default device'}{on})", res.command, **learned)
     o.artifacts = artifacts
     return o
+
+
+def suite_run(t: SuiteTarget, o: Outcome) -> SuiteRun:
+    """One target's outcome as the SuiteRun the report and the history keep."""
+    verdict, code = verdict_for(o.error, "suite", False)
+    return SuiteRun(gpu_index=t.index, gpu_uuid=t.uuid, gpu_name=t.name,
+                    cuda_visible_devices="" if t.index is None else str(t.index), status=o.step.status,
+                    verdict=verdict, exit_code=code, error=str(o.error) if o.error else "",
+                    duration_s=o.step.duration_s, busy=t.busy, parity=o.learned.get("parity"),
+                    command=o.step.command, log_tail=o.step.log_tail)
+
+
+def _worst(errors: Sequence[tuple[SuiteTarget, PipelineError]]) -> tuple[SuiteTarget, PipelineError] | None:
+    """The error that decides the host's verdict: an interruption, else the highest exit code (first on a tie)."""
+    if not errors:
+        return None
+    code = overall_exit_code([e.exit_code for _, e in errors])
+    return next((t, e) for t, e in errors if e.exit_code == code)
+
+
+def combine_suites(f: Facts, results: Sequence[tuple[SuiteTarget, Outcome]]) -> Outcome:
+    """The suites of every GPU as ONE suite step: failed when any failed, the worst error (naming its GPU)
+    deciding the host's verdict; each GPU's own result in `suites`."""
+    runs = [suite_run(t, o) for t, o in results]
+    if len(results) == 1:
+        o = results[0][1]
+        o.learned["suites"] = runs
+        return o
+    failed = [(t, o) for t, o in results if o.step.status == "failed"]
+    worst = _worst([(t, o.error) for t, o in failed if o.error is not None])
+    error = None
+    if worst is not None:
+        t, e = worst
+        error = copy.copy(e)
+        error.args = (f"GPU {t.index}{f' ({t.uuid})' if t.uuid else ''}: {e}",)
+    detail = "; ".join(f"gpu{t.index}: {o.step.detail}" for t, o in results)
+    first = failed[0][1].step if failed else results[0][1].step
+    step = StepResult("suite", "failed" if failed else "ok", detail=detail, command=first.command,
+                      log_tail=first.log_tail)
+    versions: dict[str, str] = {}
+    for _, o in results:
+        versions.update(o.learned.get("versions", {}))
+    artifacts = {k: v for _, o in results for k, v in o.artifacts.items()}
+    return Outcome(step, {"suites": runs, "parity": None, "versions": versions}, artifacts, error)
 
 
 def _suite_error(f: Facts, res: CommandResult, doc: dict | None) -> PipelineError | None:
@@ -472,6 +588,9 @@ class Step:
     name: str
     plan: Callable[[Facts], list[Op]]
     conclude: Callable[[Facts, list], Outcome]
+    # a step run once per target, all at once (plan/conclude see `facts.target`), then combined into one
+    targets: Callable[[Facts], list[SuiteTarget]] | None = None
+    combine: Callable[[Facts, Sequence[tuple[SuiteTarget, Outcome]]], Outcome] | None = None
 
 
 STEPS: tuple[Step, ...] = (
@@ -481,5 +600,14 @@ STEPS: tuple[Step, ...] = (
     Step("sync", plan_sync, conclude_sync),
     Step("install", plan_install, conclude_install),
     Step("token", plan_token, conclude_token),
-    Step("suite", plan_suite, conclude_suite),
+    Step("suite", plan_suite, conclude_suite, targets=suite_targets, combine=combine_suites),
 )
+
+
+def host_deadline(cfg: HostConfig, kill_after_s: float = 10.0, connect_attempts: int = 3) -> float:
+    """The longest one host's run can take when every command runs to its own timeout: the sum of the steps'
+    limits (connect tries with their banner and auth timeouts and backoff, the lock wait, rsync, install, token,
+    the suite's local deadline, the cleanup) plus two minutes for transfers. A fleet stops a host here."""
+    c = cfg.connect_timeout
+    return (connect_attempts * 3 * c + 3 + 30 + cfg.lock_timeout + c + 30 + 60 + Rsync("", "").timeout
+            + cfg.install_timeout + 120 + cfg.suite_timeout + kill_after_s + 15 + 60 + 3 * c + 120)

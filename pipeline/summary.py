@@ -6,9 +6,15 @@
     summary-<UTC>.junit.xml   one test case per host/GPU, one test suite per host (Jenkins / GitHub reporters)
     summary-<UTC>.rerun.txt   the hosts to run again (`--target @summary-<UTC>.rerun.txt`), when any failed
 
-and the Markdown appended to $GITHUB_STEP_SUMMARY when that is set. `finish_fleet()` is the one call the fleet
-runner makes after its hosts: per-GPU records, regression verdicts against the history, the history row, the
-files, the exit code. Everything else here is pure.
+and the Markdown appended to $GITHUB_STEP_SUMMARY when that is set.
+
+    Judge          called by the runner for each host as it finishes, before its report is written: every GPU's
+                   record judged against its own earlier results, the regressions put at the top of that report
+    finish_fleet() the one call after the hosts (any executor's: the SSH fleet, Slurm): the records not judged
+                   yet, fleet-wide shifts, the history row, the summary files (`summary=False`: a single host's
+                   run, history only), the exit code
+
+Everything else here is pure.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,10 +57,11 @@ def sparkline(values: Sequence[float | None]) -> str:
                    for v in values)
 
 
-def fleet_exit_code(results: Sequence[GpuResult], assessments: Sequence[Assessment]) -> int:
-    """The worst host's exit code (130 wins, as for hosts run one after another), and EXIT_REGRESSION when a
-    regression is confirmed."""
-    code = errors.overall_exit_code([r.exit_code for r in results])
+def fleet_exit_code(results: Sequence[GpuResult], assessments: Sequence[Assessment],
+                    host_codes: Sequence[int] = ()) -> int:
+    """The worst host's or GPU's exit code (130 wins, as for hosts run one after another), and EXIT_REGRESSION when
+    a regression is confirmed. `host_codes`: the hosts' own (a host can fail after its GPUs passed: the report)."""
+    code = errors.overall_exit_code([*host_codes, *(r.exit_code for r in results)])
     if code <= 128 and any(a.regressed for a in assessments):
         code = max(code, EXIT_REGRESSION)
     return code
@@ -67,11 +75,6 @@ def rerun_hosts(results: Sequence[GpuResult]) -> list[str]:
 def rerun_text(hosts: Sequence[str], stem: str) -> str:
     return f"# hosts that did not pass in {stem}; run them again with --target @<this file>\n" + \
         "".join(f"{h}\n" for h in hosts)
-
-
-def parse_target_file(text: str) -> list[str]:
-    """A `--target @file` list: one host or group per line; blank lines and `#` comments are ignored."""
-    return [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
 
 
 def _gpu_cell(r: GpuResult) -> str:
@@ -105,7 +108,8 @@ def _row(r: GpuResult, a: Assessment, past: Sequence[GpuResult], report_dir: Pat
 
 def build_summary(results: Sequence[GpuResult], assessments: Sequence[Assessment],
                   pasts: Sequence[Sequence[GpuResult]], shifts: Sequence[FleetShift], *, report_dir: Path,
-                  stem: str, started_at: str, finished_at: str, target: str, history: str) -> dict[str, Any]:
+                  stem: str, started_at: str, finished_at: str, target: str, history: str,
+                  host_codes: Sequence[int] = ()) -> dict[str, Any]:
     """The summary document (pure): what the Markdown, the JSON and the JUnit XML are made from."""
     rows = [_row(r, a, p, report_dir) for r, a, p in zip(results, assessments, pasts, strict=True)]
     ran = [r for r in results if r.ran]
@@ -115,7 +119,7 @@ def build_summary(results: Sequence[GpuResult], assessments: Sequence[Assessment
     rerun = rerun_hosts(results)
     return {
         "schema": SUMMARY_SCHEMA, "stem": stem, "target": target, "started_at": started_at,
-        "finished_at": finished_at, "exit_code": fleet_exit_code(results, assessments),
+        "finished_at": finished_at, "exit_code": fleet_exit_code(results, assessments, host_codes),
         "hosts": len({r.host for r in results}), "gpus": len(ran), "passed": sum(r.passed for r in ran),
         "counts": counts, "rows": rows,
         "regressions": [f"{row['label']}: {t}" for row in rows for t in row["regressions"]],
@@ -219,24 +223,67 @@ class FleetOutcome:
     assessments: list[Assessment] = field(default_factory=list)
 
 
+@dataclass
+class _Judged:
+    records: list[GpuResult]
+    pasts: list[list[GpuResult]]
+    assessments: list[Assessment]
+
+
+class Judge:
+    """The history's judgement of each host's run, made as the host finishes and before its report is written
+    (`RunOptions.judge`): every GPU's record against the earlier results of its slot. The regressions go to the
+    top of that report (`HostRunResult.regressions`, `.flags`). Thread-safe; nothing is written to the history
+    here (finish_fleet records the whole run at its end, so every host is judged against the same past)."""
+
+    def __init__(self, history: str | Path):
+        self.path = Path(history)
+        self._lock = threading.Lock()
+        self._judged: dict[int, tuple[HostRunResult, _Judged]] = {}
+
+    def __call__(self, result: HostRunResult) -> None:
+        records = gpu_results(result)
+        with HistoryStore(self.path) as store:
+            pasts = [store.earlier(r) if r.ran else [] for r in records]
+        assessments = [assess(r, p) for r, p in zip(records, pasts)]
+        slot = {id(a): a.result.label.removeprefix(result.host).strip() or result.host for a in assessments}
+        result.regressions = [f"{slot[id(a)]}: {f.text()}" for a in assessments for f in a.findings if f.fatal]
+        result.flags = [f"{slot[id(a)]}: {f.text()}" for a in assessments for f in a.flags if not f.fatal]
+        with self._lock:
+            self._judged[id(result)] = (result, _Judged(records, pasts, assessments))
+
+    def of(self, result: HostRunResult) -> _Judged:
+        with self._lock:
+            found = self._judged.get(id(result))
+        if found is None:
+            self(result)
+            with self._lock:
+                found = self._judged[id(result)]
+        return found[1]
+
+
 def finish_fleet(host_results: Sequence[HostRunResult], report_dir: str | Path, *, history: str | Path | None = None,
                  target: str = "", started_at: str = "", environ: Mapping[str, str] | None = None,
-                 template: str | Path | None = None) -> FleetOutcome:
-    """After a fleet run: judge every GPU against the history, record the run, write the summary files.
-    `history`: the store's path (default REPORT_DIR/history.sqlite)."""
+                 template: str | Path | None = None, judge: Judge | None = None,
+                 summary: bool = True) -> FleetOutcome:
+    """After the hosts: judge every GPU not judged yet against the history, find fleet-wide shifts, record the
+    run, write the summary files (unless `summary=False`: one host's run, history only). `history`: the store's
+    path (default REPORT_DIR/history.sqlite); `judge`: the one the hosts' runs were judged by."""
     report_dir = Path(report_dir)
     now = datetime.now(timezone.utc)
     started = datetime.fromisoformat(started_at) if started_at else now
-    results = [g for h in host_results for g in gpu_results(h)]
-    stem = _stem(report_dir, started)
-    with HistoryStore(history or default_path(report_dir)) as store:
-        pasts = [store.earlier(r) if r.ran else [] for r in results]
-        assessments = [assess(r, p) for r, p in zip(results, pasts)]
-        shifts = fleet_shifts(assessments)
+    judge = judge or Judge(history or default_path(report_dir))
+    judged = [judge.of(h) for h in host_results]
+    results = [r for j in judged for r in j.records]
+    pasts = [p for j in judged for p in j.pasts]
+    assessments = [a for j in judged for a in j.assessments]
+    shifts = fleet_shifts(assessments)
+    stem = _stem(report_dir, started) if summary else ""
+    with HistoryStore(judge.path) as store:
         doc = build_summary(results, assessments, pasts, shifts, report_dir=report_dir, stem=stem,
                             started_at=started.isoformat(), finished_at=now.isoformat(), target=target,
-                            history=str(store.path))
+                            history=str(store.path), host_codes=[h.exit_code for h in host_results])
         store.record_run(results, started_at=started.isoformat(), finished_at=now.isoformat(), target=target,
-                         summary=f"{stem}.md", exit_code=doc["exit_code"])
-    paths = write_summary(doc, report_dir, environ, template)
+                         summary=f"{stem}.md" if summary else "", exit_code=doc["exit_code"])
+    paths = write_summary(doc, report_dir, environ, template) if summary else {}
     return FleetOutcome(doc["exit_code"], paths, doc, results, assessments)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,9 +52,11 @@ def _keygen(path: Path) -> None:
     subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
 
-def start_sshd(d: Path, with_sftp: bool = True, log_level: str = "VERBOSE") -> tuple[Sshd, subprocess.Popen]:
+def start_sshd(d: Path, with_sftp: bool = True, log_level: str = "VERBOSE",
+               path_first: Path | None = None) -> tuple[Sshd, subprocess.Popen]:
     """Start sshd in `d` (keys, config, logs live there); returns when it accepts connections. A
-    host without an SFTP subsystem (`with_sftp=False`: no `Subsystem sftp` line, sshd refuses the request)."""
+    host without an SFTP subsystem (`with_sftp=False`: no `Subsystem sftp` line, sshd refuses the request).
+    `path_first`: a folder put first on every session's PATH (a fake nvidia-smi: this box has no GPU)."""
     d.mkdir(parents=True, exist_ok=True)
     for name in ("host_key", "client_key", "wrong_key"):
         _keygen(d / name)
@@ -67,6 +70,7 @@ def start_sshd(d: Path, with_sftp: bool = True, log_level: str = "VERBOSE") -> t
     wrapper = d / "logcmd.sh"
     wrapper.write_text(f"""#!/bin/sh
 printf '%s\\n' "$SSH_ORIGINAL_COMMAND" >> {d}/commands.log
+{f'export PATH="{path_first}:$PATH"' if path_first else ''}
 case "$SSH_ORIGINAL_COMMAND" in
   *sftp-server|internal-sftp|sftp) exec {sftp if sftp != "internal-sftp" else "false"} ;;
 esac
@@ -227,6 +231,17 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def kill_sshd(sshd_dir: Path, master_too: bool = False) -> None:
+    """Kill an sshd's per-connection processes (every connection drops), and its master too (no way back)."""
+    master = int((sshd_dir / "sshd.pid").read_text())
+    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    assert children, "no per-connection sshd to kill"
+    if master_too:
+        os.kill(master, signal.SIGKILL)
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
 
 
 def hanging_suite(d: Path) -> tuple[str, Path]:

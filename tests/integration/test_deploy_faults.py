@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import (CODE, GOOD, REPO, REPO_ID, Background, alive, deploy, hanging_suite,
-                                       start_hub, start_sshd)
+                                       kill_sshd, start_hub, start_sshd)
 
 pytestmark = pytest.mark.integration
 PASSING_DOC = REPO / "tests" / "pipeline" / "fixtures" / "parity" / "pass_cpu_tiny.json"
@@ -104,16 +103,6 @@ def test_ctrl_c_during_install_stops_the_remote_installer(sshd, tmp_path):
     assert not (ws / ".flashcore" / "install.pid").exists()
 
 
-def _kill_connections(sshd_dir: Path, master_too: bool = False) -> None:
-    master = int((sshd_dir / "sshd.pid").read_text())
-    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
-    assert children, "no per-connection sshd to kill"
-    if master_too:
-        os.kill(master, signal.SIGKILL)
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
-
-
 def test_dropped_connection_reconnects_once_to_clean_up(sshd, hub, tmp_path):
     """The SSH connection dies mid-suite (its sshd processes are killed): exit 3, the report is written, and a
     fresh connection kills the suite's group and removes the token; no paramiko traceback on stderr."""
@@ -123,7 +112,7 @@ def test_dropped_connection_reconnects_once_to_clean_up(sshd, hub, tmp_path):
                      tmp_path / "r", env={"HF_TOKEN": GOOD, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf")})
     run.wait_for("hanging")
     before = sshd.commands.stat().st_size
-    _kill_connections(sshd.dir)
+    kill_sshd(sshd.dir)
     res = run.finish()
     assert res.code == 3, res.out
     doc = _report(tmp_path / "r")
@@ -144,7 +133,7 @@ def test_dropped_connection_without_a_way_back_names_what_is_left(tmp_path, hub)
         run = Background(_args(server, ws, *NO_SYNC, "--timeout", "120", "--suite-command", script, model=REPO_ID),
                          tmp_path / "r", env={"HF_TOKEN": GOOD, "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf")})
         run.wait_for("hanging")
-        _kill_connections(server.dir, master_too=True)
+        kill_sshd(server.dir, master_too=True)
         res = run.finish()
     finally:
         proc.kill()

@@ -117,3 +117,32 @@ def test_json_round_trip_ignores_unknown_keys():
     g = gpu_results(_multi_gpu_failed())[0]
     doc = json.loads(json.dumps(g.to_dict()))
     assert GpuResult.from_dict({**doc, "added_later": 1}) == g
+
+
+def test_a_gpu_per_suite_the_ones_not_selected_named():
+    """Per-GPU suites (the runner's own): each GPU its own verdict and figures; --gpus 0,2 left GPU 1 out."""
+    from pipeline.results import SuiteRun
+    r = _multi_gpu_failed()
+    r.gpus.append(GpuInfo(2, "NVIDIA H100 80GB HBM3", "GPU-ccc", driver_version="580.1"))
+    r.parity, r.gpus_selected = None, [0, 2]
+    r.suites = [SuiteRun(0, "GPU-aaa", "NVIDIA H100 80GB HBM3", "0", "ok", "PASSED", 0,
+                         parity=_doc(H100_DOC), busy="1 process: pid 7 python (10 MiB)"),
+                SuiteRun(2, "GPU-ccc", "NVIDIA H100 80GB HBM3", "2", "failed", "FAILED: parity", 1,
+                         parity=_doc(FIX / "parity" / "fail_h100_synthetic.json"))]
+    g0, g1, g2 = gpu_results(r)
+    assert (g0.gpu_index, g0.status, g0.failed_step, g0.exit_code, g0.gpu_uuid) == (0, "passed", "", 0, "GPU-aaa")
+    assert g0.metrics["decode.cuda_graph.flashcore_ms"] == pytest.approx(8.691689968749916)
+    assert g0.note == "busy: 1 process: pid 7 python (10 MiB)" and g0.versions["gpu_uuid"] == "GPU-aaa"
+    assert (g1.status, g1.note) == ("not run", "not selected (--gpus 0,2)") and not g1.ran
+    assert (g2.status, g2.failed_step, g2.scenarios["batch_4"]) == ("failed", "suite", False)
+
+
+def test_a_run_stopped_before_its_suites_gives_each_selected_gpu_the_hosts_fate():
+    r = _multi_gpu_failed()
+    r.parity, r.verdict, r.exit_code, r.gpus_selected = None, "ERROR: sync step failed", 5, [1]
+    r.steps = [StepResult("connect", "ok"), StepResult("sync", "failed", 1.0, "rsync failed")]
+    g0, g1 = gpu_results(r)
+    assert (g0.status, g0.note) == ("not run", "not selected (--gpus 1)")
+    assert (g1.status, g1.failed_step, g1.verdict) == ("error", "sync", "ERROR: sync step failed")
+    r.gpus_selected, r.verdict = None, "UNKNOWN"
+    assert [g.status for g in gpu_results(r)] == ["unknown", "unknown"]

@@ -39,11 +39,18 @@ def test_round_trip_and_the_rule_query(tmp_path):
                               _rec(t=t, idx=3, name="A100")], started_at=t, target="nightly", exit_code=0)
         cur = _rec(t="2026-11-04T02:17:00Z", value=9.9)
         past = store.earlier(cur)
-        assert [p.started_at[:10] for p in past] == ["2026-11-01", "2026-11-01", "2026-11-02", "2026-11-02",
-                                                     "2026-11-03", "2026-11-03"]
-        assert {(p.host, p.gpu_name) for p in past} == {("lab-a", "H100")}   # same host + GPU model only
+        assert [p.started_at[:10] for p in past] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+        # the same slot only: host + GPU index + model (GPU 1 of lab-a, lab-b's GPU 0, the A100 are others)
+        assert {(p.host, p.gpu_index, p.gpu_name) for p in past} == {("lab-a", 0, "H100")}
         assert all(p.status != "not run" for p in past)
-        assert len(store.earlier(cur, limit=3)) == 3 and store.earlier(cur, limit=3)[-1].started_at[:10] == "2026-11-03"
+        assert [p.gpu_index for p in store.earlier(_rec(idx=1, t="2026-11-04T02:17:00Z"))] == [1, 1, 1]
+        swapped = _rec(t="2026-11-04T02:17:00Z")
+        swapped.gpu_uuid = "GPU-another-card"               # a rented host's card swapped in that slot: same history
+        assert len(store.earlier(swapped)) == 3
+        cpu = _rec(idx=None, name="cpu", t="2026-11-09T02:17:00Z")
+        store.record_run([_rec(idx=None, name="cpu", t="2026-11-08T02:17:00Z")], started_at="2026-11-08T02:17:00Z")
+        assert [p.gpu_index for p in store.earlier(cpu)] == [None]        # NULL index matched (IS, not =)
+        assert len(store.earlier(cur, limit=2)) == 2 and store.earlier(cur, limit=2)[-1].started_at[:10] == "2026-11-03"
         first = past[0]
         want = _rec(t="2026-11-01T02:17:00+00:00", value=8.7 + 1 / 100)
         want.started_at = utc_iso(want.started_at)
@@ -51,7 +58,7 @@ def test_round_trip_and_the_rule_query(tmp_path):
         assert store.hosts() == ["lab-a", "lab-b"]
         assert store.metric_names() == ["decode.cuda_graph.flashcore_ms", "err_bound.batch_4"]
         assert len(store.results(host="lab-b")) == 5 and len(store.results(last=4)) == 4
-        assert store.db.execute("SELECT count(*) FROM runs").fetchone()[0] == 5
+        assert store.db.execute("SELECT count(*) FROM runs").fetchone()[0] == 6
 
 
 def test_utc_iso_orders_mixed_offsets():

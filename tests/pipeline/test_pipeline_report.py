@@ -124,3 +124,56 @@ def test_rendered_once_relative_links_start_in_seconds_left_behind(tmp_path, mon
     assert "| Started | 2026-11-25T12:00:00+00:00 (" in md
     assert "### Possibly left on the host\n\n- the token file /w/.flashcore/hf_token" in md
     assert "## Failures\n\nNone." not in md
+
+
+def _two_gpus() -> HostRunResult:
+    """A 2-GPU host: GPU 0 passes, GPU 1 fails parity (its suite's own document)."""
+    from pipeline.results import SuiteRun
+    passing = json.loads((FIX / "parity" / "pass_cpu_tiny.json").read_text())
+    failing = json.loads((FIX / "parity" / "fail_h100_synthetic.json").read_text())
+    r = _result(None, verdict="FAILED: parity", exit_code=1, error="GPU 1 (GPU-2): parity failed: 3/4")
+    r.gpus.append(GpuInfo(1, "NVIDIA H100 80GB HBM3", "GPU-2", "9.0", 81559, 1, "570.133.20", "12.8", 0, "Disabled"))
+    r.suites = [SuiteRun(0, "GPU-1", "NVIDIA H100 80GB HBM3", "0", "ok", "PASSED", 0, duration_s=61.0,
+                         busy="1 process: pid 4242 python (512 MiB)", parity=passing,
+                         artifacts={"parity.json": "s/gpu0/parity.json"}),
+                SuiteRun(1, "GPU-2", "NVIDIA H100 80GB HBM3", "1", "failed", "FAILED: parity", 1,
+                         "parity failed: 3/4 scenarios passed (failed: batch_4)", 63.5, parity=failing,
+                         command="python -m pytest ...", log_tail="FAILED test_batch")]
+    r.steps.append(StepResult("suite", "failed", 64.0, "gpu0: 5/5 ...; gpu1: parity failed"))
+    return r
+
+
+def test_a_row_per_gpu_and_each_gpus_own_parity():
+    md = render_markdown(_two_gpus())
+    assert "## Per GPU" in md and md.index("## Per GPU") < md.index("## Host and GPU")
+    assert "| 0 | GPU-1 | NVIDIA H100 80GB HBM3 | PASSED | 5/5 scenarios passed | — | 61 | 1 process: pid 4242 " \
+           "python (512 MiB) | [parity.json](s/gpu0/parity.json) |" in md
+    assert "| 1 | GPU-2 | NVIDIA H100 80GB HBM3 | **FAILED: parity**: parity failed: 3/4 scenarios passed (failed: " \
+           "batch_4) | 4/5 scenarios passed (failed: batch_4) | 8.9 / 10.55 | 63.5 | — | — |" in md
+    assert "| Parity | gpu0: 5/5 scenarios passed; gpu1: 4/5 scenarios passed (failed: batch_4) |" in md
+    order = ["## Parity — GPU 0 (GPU-1)", "## Decode latency: flashcore vs SDPA — GPU 0 (GPU-1)",
+             "## Parity — GPU 1 (GPU-2)", "## Memory — GPU 1 (GPU-2)", "## Failures"]
+    assert [md.index(s) for s in order] == sorted(md.index(s) for s in order)
+    assert "### suite on GPU 1: parity failed: 3/4" in md and "FAILED test_batch" in md
+    assert "### scenario batch_4 — GPU 1 (GPU-2): 3/4 rows within bounds" in md
+    assert "### suite: gpu0" not in md                       # the combined step is told per GPU instead
+
+
+def test_regressions_at_the_top_and_the_template_compiled_once(monkeypatch):
+    import jinja2
+
+    from pipeline import report
+    r = _result("pass_cpu_tiny.json", verdict="PASSED")
+    r.regressions = ["gpu0: decode.cuda_graph.flashcore_ms 9.962 vs 8.662 (+15%, 5.0 noise units): regression"]
+    r.flags = ["gpu0: decode.eager.flashcore_ms 60 vs 46 (+30%): suspicious"]
+    report._environment.cache_clear()
+    compiled = []
+    real = jinja2.Environment.compile
+    monkeypatch.setattr(jinja2.Environment, "compile", lambda self, *a, **k: compiled.append(1) or real(self, *a, **k))
+    for _ in range(20):
+        md = render_markdown(r)
+    assert len(compiled) == 1                                 # once, not once per report
+    lines = md.splitlines()
+    assert lines[0] == "# flashcore validation — gpu-box: PASSED, REGRESSION"
+    assert md.index("## Regressions") < md.index("Also flagged:") < md.index("## Host and GPU")
+    assert "- **gpu0: decode.cuda_graph.flashcore_ms 9.962 vs 8.662" in md and "- gpu0: decode.eager" in md

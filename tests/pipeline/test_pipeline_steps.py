@@ -3,7 +3,7 @@ step must plan (the commands out), the outputs those produce, and the StepResult
 step must conclude. A new case is a new file in fixtures/steps/ (STEP.CASE.json), not new test code.
 
 Fixture keys: step, about; cfg (HostConfig fields over name "gpu-a", address 10.0.0.1), probe (default: a root
-host with python3), here (Here fields), device; ops (each: type + fields that must be equal, `contains`:
+host with python3), here (Here fields), device, target (a SuiteTarget: one GPU's suite); ops (each: type + fields that must be equal, `contains`:
 substrings of its command), plan_error; outputs (a CommandResult as {exit_code, stdout[_file], stderr,
 timed_out}, a HoldOutput as {held, lines, waited_s}, a Get's text or {text_file} or null, PutTarball's bytes);
 status, detail (substrings), log_tail (substrings), error (class name), exit_code, verdict, learned (subset),
@@ -23,6 +23,7 @@ from pipeline.errors import verdict_for
 from pipeline.inventory import parse_gpu_requirement
 from pipeline.local import CodeTree
 from pipeline.remote import CommandResult
+from pipeline.results import StepResult
 from pipeline.settings import HostConfig
 
 FIX = Path(__file__).parent / "fixtures"
@@ -35,6 +36,8 @@ def _facts(case: dict) -> steps.Facts:
     cfg = dict(case.get("cfg", {}))
     if "gpu" in cfg:
         cfg["gpu"] = parse_gpu_requirement(cfg["gpu"] if cfg["gpu"] is not None else "none")
+    if "gpus" in cfg:
+        cfg["gpus"] = tuple(cfg["gpus"])
     config = HostConfig(**{"name": "gpu-a", "address": "10.0.0.1", **cfg})
     here = {"tree": CodeTree(Path("/src"), ("a.py", "b.py"), "c" * 64, 100), "revision": "abc123def456",
             "requirements": ["torch>=2.11", "pytest-timeout>=2"],
@@ -44,6 +47,7 @@ def _facts(case: dict) -> steps.Facts:
     f.probe = case.get("probe", DEFAULT_PROBE)
     f.lay = commands.layout(commands.expand_home(config.workspace, f.probe["home"]))
     f.device = case.get("device", "")
+    f.target = steps.SuiteTarget(**case["target"]) if "target" in case else None
     return f
 
 
@@ -119,3 +123,55 @@ def test_every_step_has_fixtures():
     covered = {name.split(".")[0] for name in CASES}
     assert covered == set(STEP), set(STEP) - covered
     assert [f.name for f in fields(steps.Facts)][:2] == ["cfg", "here"]
+
+
+def _gpu_facts(gpus=None, device="cuda") -> steps.Facts:
+    from pipeline import parse
+    f = _facts({"cfg": {"gpus": gpus} if gpus is not None else {}})
+    f.gpus = parse.parse_gpu_query((FIX / "gpu" / "multi_h100_busy.txt").read_text()).gpus
+    f.device = device
+    return f
+
+
+def test_suite_targets_one_per_gpu_selected_busy_named_or_the_default_device():
+    every = steps.suite_targets(_gpu_facts())
+    assert [(t.index, t.tag) for t in every] == [(0, "gpu0"), (1, "gpu1"), (2, "gpu2"), (3, "gpu3")]
+    assert every[0].busy == "1 process: pid 41872 /usr/bin/python3 (40422 MiB)" and every[1].busy == ""
+    assert [t.index for t in steps.suite_targets(_gpu_facts(gpus=[3, 1]))] == [1, 3]
+    assert steps.suite_targets(_gpu_facts(device="cpu")) == [steps.SuiteTarget()]
+    assert steps.suite_targets(_facts({})) == [steps.SuiteTarget()]          # --skip gpu: the default device
+
+
+def _outcome(status: str, error=None, parity=None, detail="d") -> steps.Outcome:
+    return steps.Outcome(StepResult("suite", status, 2.0, detail, "cmd", "tail"), {"parity": parity,
+                         "versions": {"suite_device": "cuda"}}, {}, error)
+
+
+def test_combine_suites_the_worst_gpu_decides_and_is_named():
+    from pipeline.errors import Interrupted, ParityFailure, StepError
+    f = _gpu_facts()
+    t0, t1, t2 = steps.suite_targets(f)[:3]
+    doc = json.loads((FIX / "parity" / "pass_cpu_tiny.json").read_text())
+    o = steps.combine_suites(f, [(t0, _outcome("ok", parity=doc, detail="5/5")),
+                                 (t1, _outcome("failed", ParityFailure("parity failed: 4/5"), detail="pf")),
+                                 (t2, _outcome("failed", StepError("suite crashed"), detail="crash"))])
+    assert o.step.status == "failed" and o.step.detail == "gpu0: 5/5; gpu1: pf; gpu2: crash"
+    assert type(o.error).__name__ == "StepError" and o.error.exit_code == 5        # the highest code wins
+    assert str(o.error) == "GPU 2 (GPU-0b1c2d3e-2222-4222-8222-222222222222): suite crashed"
+    runs = o.learned["suites"]
+    assert [(r.gpu_index, r.verdict, r.exit_code, r.cuda_visible_devices) for r in runs] == \
+        [(0, "PASSED", 0, "0"), (1, "FAILED: parity", 1, "1"), (2, "ERROR: suite step failed", 5, "2")]
+    assert runs[0].parity == doc and o.learned["parity"] is None and runs[0].busy.startswith("1 process")
+    o = steps.combine_suites(f, [(t0, _outcome("failed", ParityFailure("pf"))),
+                                 (t1, _outcome("failed", Interrupted("interrupted (SIGTERM) during suite", 15)))])
+    assert isinstance(o.error, Interrupted) and o.error.exit_code == 143 and str(o.error).startswith("GPU 1 (")
+    single = _outcome("ok", parity=doc)
+    assert steps.combine_suites(f, [(t0, single)]) is single and single.learned["parity"] == doc   # as it was
+
+
+def test_host_deadline_is_the_sum_of_the_steps_limits():
+    cfg = HostConfig(name="h", address="a", connect_timeout=10, lock_timeout=300, install_timeout=900,
+                     suite_timeout=1800)
+    limit = steps.host_deadline(cfg)
+    assert cfg.suite_timeout + cfg.install_timeout + cfg.lock_timeout < limit < 2 * 3600
+    assert steps.host_deadline(HostConfig(name="h", address="a", suite_timeout=60)) < limit

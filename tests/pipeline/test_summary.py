@@ -19,8 +19,9 @@ import pytest
 
 from pipeline.gpu_result import GpuResult
 from pipeline.regression import Assessment, Finding
-from pipeline.results import GpuInfo, HostRunResult, StepResult
-from pipeline.summary import finish_fleet, fleet_exit_code, junit_xml, parse_target_file, rerun_text, sparkline
+from pipeline.results import GpuInfo, HostRunResult, StepResult, SuiteRun
+from pipeline.inventory import parse_target_file
+from pipeline.summary import finish_fleet, fleet_exit_code, junit_xml, rerun_text, sparkline
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_REPORT = ROOT / "docs/reports/127.0.0.1_2222-20261125T131741Z.json"
@@ -104,11 +105,15 @@ def _h100(host: str, day: int, slow: float = 1.0, report_dir: Path | None = None
 
 
 def _two_gpu_failing(day: int, report_dir: Path) -> HostRunResult:
+    """A 2-GPU host as the runner reports it: a suite per GPU, GPU 0 failing parity, GPU 1 passing."""
     r = _h100("lab-b", day, report_dir=report_dir)
     r.verdict, r.exit_code = "FAILED: parity", 1
-    r.parity = json.loads(FAIL_DOC.read_text())
-    r.steps = [StepResult("connect", "ok"), StepResult("suite", "failed", 41.8, "parity failed")]
     r.gpus = r.gpus + [GpuInfo(1, r.gpus[0].name, "GPU-second-card", driver_version=r.gpus[0].driver_version)]
+    r.suites = [SuiteRun(0, r.gpus[0].uuid, r.gpus[0].name, "0", "failed", "FAILED: parity", 1,
+                         parity=json.loads(FAIL_DOC.read_text())),
+                SuiteRun(1, "GPU-second-card", r.gpus[0].name, "1", "ok", "PASSED", 0, parity=r.parity)]
+    r.parity = None
+    r.steps = [StepResult("connect", "ok"), StepResult("suite", "failed", 41.8, "gpu0: parity failed; gpu1: ok")]
     return r
 
 
@@ -139,7 +144,7 @@ def test_nights_build_up_to_a_regression_at_the_top(tmp_path):
     md = Path(last.paths["md"]).read_text()
     lines = md.splitlines()
     assert lines[0] == "# flashcore nightly — nightly: REGRESSION"
-    assert lines[2].startswith("**1 of 3 host/GPU runs passed** on 3 hosts (exit code 3), started 2026-12-06 "
+    assert lines[2].startswith("**2 of 4 host/GPU runs passed** on 3 hosts (exit code 3), started 2026-12-06 "
                                "02:17:00 UTC") and "1 failed" in lines[2] and "1 unreachable" in lines[2]
     assert md.index("## Regressions") < md.index("## Recap")
     assert f"- **h100-a gpu0: {GRAPHED} 9.962 vs 8.662 (+15%, 5.0 noise units): regression**" in md
@@ -150,7 +155,8 @@ def test_nights_build_up_to_a_regression_at_the_top(tmp_path):
     assert (reports / link).is_file() and not Path(link).is_absolute()
     spark = row.split("`")[1]
     assert len(spark) == 6 and spark[-1] == "█" and len(set(spark[:4])) == 1       # flat, then up
-    assert "| lab-b | gpu1 NVIDIA H100 80GB HBM3 (GPU-second-c) | not run | — | — |" in md
+    assert "| lab-b | gpu0 NVIDIA H100 80GB HBM3 (GPU-4af987a7) | FAILED: parity | suite |" in md
+    assert "| lab-b | gpu1 NVIDIA H100 80GB HBM3 (GPU-second-c) | PASSED | — |" in md      # judged apart
     assert "| lab-c | no GPU known | UNREACHABLE | connect | 10.2 | — | — | — |" in md
     assert "--target @" + last.doc["rerun_file"] in md
 
@@ -171,14 +177,14 @@ def test_junit_of_a_night(tmp_path):
     text = Path(out.paths["junit"]).read_text()
     assert junit_problems(text) == []
     root = ET.fromstring(text)
-    assert (root.get("tests"), root.get("failures"), root.get("errors"), root.get("skipped")) == ("4", "1", "1", "1")
+    assert (root.get("tests"), root.get("failures"), root.get("errors"), root.get("skipped")) == ("4", "1", "1", "0")
     suites = {s.get("name"): s for s in root}
     assert list(suites) == ["h100-a", "lab-b", "lab-c"]
     b0, b1 = suites["lab-b"].findall("testcase")
     fail = b0.find("failure")
     assert (fail.get("type"), fail.get("message")) == ("failed", "FAILED: parity")
     assert "failed step: suite" in fail.text
-    assert b1.find("skipped") is not None and "GPU 0 only" in b1.find("skipped").get("message")
+    assert [x.tag for x in b1] == ["system-out"]                         # GPU 1 passed: its own test case
     err = suites["lab-c"].find("testcase/error")
     assert (err.get("type"), err.get("message")) == ("unreachable", "UNREACHABLE")
     a = suites["h100-a"].find("testcase")
