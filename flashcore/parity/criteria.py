@@ -5,17 +5,20 @@ CPU), and an fp32 reference of the same weights. SDPA's distance to the referenc
 (flash-attention's test rule):
 
     err_t(x)   = max_v |logits_x[t, v] - logits_ref[t, v]|                       per step t
+    noise_t    = max(err_t(sdpa), median_s err_s(sdpa))      SDPA's error, floored at its typical size
     eps        = max(EPS_REL * max|ref|, EPS_NOISE * median_t err_t(sdpa))
-    bound_t    = 2 * err_t(sdpa) + eps;   the verdict: err_t(flashcore) <= bound_t at every step, all finite
+    bound_t    = 2 * noise_t + eps;   the verdict: err_t(flashcore) <= bound_t at every step, all finite
     confident  = steps whose reference top-1 margin exceeds 2 * bound_t
     mismatch   = a confident step where flashcore's top-1 differs from the reference's (a failure)
 
 Why these and nothing else decide (no false alarms):
 - The bound compares flashcore with what the same low precision does anyway: both lowp runs share every
-  rounding outside attention, so a correct kernel's error is of SDPA's size (err/bound ~0.5 measured on the H100
-  and the CPU); the eps floor keeps a step where SDPA happened to land unusually close to the reference from
-  failing flashcore for ordinary rounding. A wrong mask, scale, head mapping or merge moves logits by far more
-  (docs/PARITY.md: the mutants reach err/bound 3 to 10^6).
+  rounding outside attention, so a correct kernel's error is of SDPA's size: their ratio has median 1.0. Step by
+  step it scatters (up to 2.1x either way over 105 positions of a real model's prompt), because at some steps
+  SDPA lands unusually close to the reference by chance; flooring SDPA's error at its median over the run keeps
+  such a step from failing flashcore for ordinary rounding (without the floor, err/bound reached 0.75 where the
+  floor gives ~0.5). A wrong mask, scale, head mapping or merge moves logits by far more: the mutants of
+  flashcore/parity/mutants.py reach err/bound 20 to 800 (docs/PARITY.md).
 - Top-1 is judged only where the reference is confident: margin > 2 * bound_t means no error within the bound
   can change the argmax (each of the two logits moves by at most bound_t), so a correct kernel can never flip
   it; a flip there is a wrong answer that any reader understands. Near-ties are not judged: there SDPA itself
@@ -103,12 +106,18 @@ class StepCheck:
         return "; ".join(parts)
 
 
+def step_bounds(sdpa: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """[T] bound_t = 2 * max(err_t(sdpa), median err(sdpa)) + eps, and eps (module docstring)."""
+    err_sdpa = step_errors(sdpa, ref)
+    eps = noise_eps(ref, err_sdpa)
+    return 2 * torch.maximum(err_sdpa, err_sdpa.median()) + eps, eps
+
+
 def check_steps(flashcore: torch.Tensor, sdpa: torch.Tensor, ref: torch.Tensor) -> StepCheck:
     """flashcore, sdpa, ref: [T, V] logits for the same T steps (same input tokens)."""
     flashcore, sdpa, ref = flashcore.float().cpu(), sdpa.float().cpu(), ref.float().cpu()
     err_fc, err_sdpa = step_errors(flashcore, ref), step_errors(sdpa, ref)
-    eps = noise_eps(ref, err_sdpa)
-    bound = 2 * err_sdpa + eps
+    bound, eps = step_bounds(sdpa, ref)
     ratio = err_fc / bound
     confident = top2_margin(ref) > 2 * bound
     ref_top1 = ref.argmax(-1)
