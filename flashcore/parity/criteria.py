@@ -1,32 +1,32 @@
 """Parity criteria that never fail correct kernels on low-precision near-ties (pure functions of logits).
 
 Three models see the same tokens: flashcore and PyTorch SDPA in the low precision (bf16 on a GPU, fp16 on the
-CPU), and an fp32 reference of the same weights. SDPA's distance to the reference is the noise budget
-(flash-attention's test rule):
+CPU), and an fp32 reference of the same weights. SDPA's distance to the reference is the noise budget; the rule
+is flash-attention's own test rule (tests/test_flash_attn.py: max error of the kernel <= 2 x max error of PyTorch
+in the same precision + eps), applied to logits over the steps of one check:
 
     err_t(x)   = max_v |logits_x[t, v] - logits_ref[t, v]|                       per step t
-    noise_t    = max(err_t(sdpa), median_s err_s(sdpa))      SDPA's error, floored at its typical size
     eps        = max(EPS_REL * max|ref|, EPS_NOISE * median_t err_t(sdpa))
-    bound_t    = 2 * noise_t + eps;   the verdict: err_t(flashcore) <= bound_t at every step, all finite
-    confident  = steps whose reference top-1 margin exceeds 2 * bound_t
+    bound      = 2 * max_t err_t(sdpa) + eps;   the verdict: err_t(flashcore) <= bound at every step, all finite
+    confident  = steps whose reference top-1 margin exceeds 2 * bound
     mismatch   = a confident step where flashcore's top-1 differs from the reference's (a failure)
 
 Why these and nothing else decide (no false alarms):
-- The bound compares flashcore with what the same low precision does anyway: both lowp runs share every
-  rounding outside attention, so a correct kernel's error is of SDPA's size: their ratio has median 1.0. Step by
-  step it scatters (up to 2.1x either way over 105 positions of a real model's prompt), because at some steps
-  SDPA lands unusually close to the reference by chance; flooring SDPA's error at its median over the run keeps
-  such a step from failing flashcore for ordinary rounding (without the floor, err/bound reached 0.75 where the
-  floor gives ~0.5). A wrong mask, scale, head mapping or merge moves logits by far more: the mutants of
-  flashcore/parity/mutants.py reach err/bound 20 to 800 (docs/PARITY.md).
-- Top-1 is judged only where the reference is confident: margin > 2 * bound_t means no error within the bound
-  can change the argmax (each of the two logits moves by at most bound_t), so a correct kernel can never flip
-  it; a flip there is a wrong answer that any reader understands. Near-ties are not judged: there SDPA itself
-  flips (seen: 2 of 200 steps on the CPU, 1 of 16 on the H100), and counting flips against SDPA's count with a
+- The bound compares flashcore with what the same low precision does anyway. Both lowp runs share every rounding
+  outside attention, so a correct kernel's error is of SDPA's size (their per-step ratio has median ~1.0), but
+  step by step the two scatter independently: on a real model's 135-position prompt flashcore's error reached
+  3.2x SDPA's at one position, and a per-step bound 2 * err_t(sdpa) + eps failed correct kernels (err/bound 1.12
+  on the CPU, seed 3 of smollm2-135m). The largest error of a run against the largest of the other run does not
+  have that tail (~0.5 measured; docs/PARITY.md). A wrong mask, scale, head mapping or merge moves logits by far
+  more than twice the noise: the mutants of flashcore/parity/mutants.py reach err/bound 5 to 800 (docs/PARITY.md).
+- Top-1 is judged only where the reference is confident: margin > 2 * bound means no error within the bound
+  can change the argmax (each of the two logits moves by at most the bound), so a correct kernel can never flip
+  it; a flip there is a wrong answer any reader understands. Near-ties are not judged: there SDPA itself flips
+  (seen: 2 of 200 steps on the CPU, 1 of 16 on the H100), and counting flips against SDPA's count with a
   binomial slack (the /1 suite did) failed correct kernels twice in 20 seeds. Agreement rates and the free-run
   divergence are still measured and reported, as information.
-- With random weights almost no step is confident (flat logits), so the bound carries those verdicts; the real
-  model (smollm2-135m, median margin ~1.5 logits) makes the top-1 check bite.
+- With random weights few steps are confident (flat logits on the 8B shape), so the bound carries those
+  verdicts; the real model (smollm2-135m, median margin ~1.5 logits) makes the top-1 check bite.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ class StepCheck:
     """The per-step comparison of one flashcore run against the fp32 reference, SDPA as the noise yardstick."""
     steps: int
     eps: float
+    bound: float
     max_err_flashcore: float
     max_err_sdpa: float
-    worst_ratio: float                 # max_t err_fc / bound_t (<= 1 passes)
+    worst_ratio: float                 # max_t err_fc / bound (<= 1 passes)
     bound_violations: list[int] = field(default_factory=list)
     confident_steps: int = 0
     confident_mismatches: list[int] = field(default_factory=list)
@@ -80,7 +81,7 @@ class StepCheck:
 
     def measured(self, prefix: str = "") -> dict:
         return {f"{prefix}steps": self.steps, f"{prefix}max_err_flashcore": self.max_err_flashcore,
-                f"{prefix}max_err_sdpa": self.max_err_sdpa, f"{prefix}eps": self.eps,
+                f"{prefix}max_err_sdpa": self.max_err_sdpa, f"{prefix}eps": self.eps, f"{prefix}bound": self.bound,
                 f"{prefix}worst_err_over_bound": self.worst_ratio,
                 f"{prefix}bound_violations": len(self.bound_violations),
                 f"{prefix}confident_steps": self.confident_steps,
@@ -106,25 +107,25 @@ class StepCheck:
         return "; ".join(parts)
 
 
-def step_bounds(sdpa: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """[T] bound_t = 2 * max(err_t(sdpa), median err(sdpa)) + eps, and eps (module docstring)."""
+def bound_of(sdpa: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(bound, eps): bound = 2 * max_t err_t(sdpa) + eps (module docstring)."""
     err_sdpa = step_errors(sdpa, ref)
     eps = noise_eps(ref, err_sdpa)
-    return 2 * torch.maximum(err_sdpa, err_sdpa.median()) + eps, eps
+    return 2 * float(err_sdpa.max()) + eps, eps
 
 
 def check_steps(flashcore: torch.Tensor, sdpa: torch.Tensor, ref: torch.Tensor) -> StepCheck:
     """flashcore, sdpa, ref: [T, V] logits for the same T steps (same input tokens)."""
     flashcore, sdpa, ref = flashcore.float().cpu(), sdpa.float().cpu(), ref.float().cpu()
     err_fc, err_sdpa = step_errors(flashcore, ref), step_errors(sdpa, ref)
-    bound, eps = step_bounds(sdpa, ref)
+    bound, eps = bound_of(sdpa, ref)
     ratio = err_fc / bound
     confident = top2_margin(ref) > 2 * bound
     ref_top1 = ref.argmax(-1)
     fc_top1, sdpa_top1 = flashcore.argmax(-1), sdpa.argmax(-1)
     mismatch = confident & (fc_top1 != ref_top1)
     return StepCheck(
-        steps=int(ref.shape[0]), eps=eps, max_err_flashcore=float(err_fc.max()), max_err_sdpa=float(err_sdpa.max()),
+        steps=int(ref.shape[0]), eps=eps, bound=bound, max_err_flashcore=float(err_fc.max()), max_err_sdpa=float(err_sdpa.max()),
         worst_ratio=float(ratio.max()), bound_violations=torch.nonzero(~(err_fc <= bound)).flatten().tolist(),
         confident_steps=int(confident.sum()), confident_mismatches=torch.nonzero(mismatch).flatten().tolist(),
         agree_flashcore=float((fc_top1 == ref_top1).float().mean()),

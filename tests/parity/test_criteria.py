@@ -23,8 +23,9 @@ def test_within_twice_sdpa_noise_passes():
     assert check.passed and check.worst_ratio < 1
 
 
-def test_a_step_where_sdpa_lands_close_by_chance_gets_the_typical_noise_budget():
-    """SDPA's error floored at its median: one lucky SDPA step does not make ordinary rounding a failure."""
+def test_a_step_where_sdpa_lands_close_by_chance_is_no_failure():
+    """The budget is SDPA's largest error over the check: one lucky SDPA step does not make ordinary rounding at
+    that step a failure (the per-step rule of the /1 suite did)."""
     ref = _ref(steps=20)
     sdpa = _noise(ref, 0.01, 2)
     sdpa[7] = ref[7]                                   # SDPA exactly right at step 7, by chance
@@ -92,10 +93,10 @@ def test_confident_means_no_error_within_the_bound_can_flip_it():
     for seed in range(50):
         ref = _ref(steps=20, vocab=30, seed=seed)
         sdpa = _noise(ref, 0.3, seed + 100)
-        bound, _ = criteria.step_bounds(sdpa, ref)
+        bound, _ = criteria.bound_of(sdpa, ref)
         worst_case = ref.clone()  # push the top-1 down and every other logit up by just under the bound
         top = ref.argmax(-1)
-        worst_case += 0.999 * bound[:, None]
+        worst_case += 0.999 * bound
         worst_case[torch.arange(20), top] -= 2 * 0.999 * bound
         check = criteria.check_steps(worst_case, sdpa, ref)
         assert not check.bound_violations and not check.confident_mismatches
