@@ -11,13 +11,12 @@ table. Exit status 1 if a mutant passed the suite (the suite missed a bug).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._runs import JsonLines, device_kind  # noqa: E402
 
 
 def _ratio(value) -> str:
@@ -45,34 +44,27 @@ def main(argv=None) -> int:
     parser.add_argument("--mutants", default="", help="comma-separated subset (default: the whole catalogue)")
     parser.add_argument("--out", required=True, help="JSON lines, appended (resumes)")
     args = parser.parse_args(argv)
-    import torch
-    on_gpu = args.device != "cpu" and torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    kind = device_kind(args.device)
     from flashcore.parity import mutants
     from flashcore.parity.scenarios import SuiteConfig
     from flashcore.parity.suite import run_suite
 
-    out = Path(args.out)
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    done = {row["mutant"] for row in rows}
-    names = [n for n in args.mutants.split(",") if n] or list(mutants.CATALOGUE)
-    for name in names:
+    out = JsonLines(args.out)
+    done = {row["mutant"] for row in out.rows}
+    for name in [n for n in args.mutants.split(",") if n] or list(mutants.CATALOGUE):
         if name in done:
             continue
         mutant = mutants.CATALOGUE[name]
         t0 = time.perf_counter()
-        config = SuiteConfig.for_device("cuda" if on_gpu else "cpu", seed=args.seed)
-        report = run_suite(args.model, device=args.device, config=config, kernels=mutants.load(mutant))
-        run = report.runs[0]
+        report = run_suite(args.model, device=args.device, config=SuiteConfig.for_device(kind, seed=args.seed),
+                           kernels=mutants.load(mutant))
         row = {"mutant": name, "bug": mutant.bug, "file": mutant.file, "passed": report.passed,
                "duration_s": round(time.perf_counter() - t0, 1),
                "scenarios": {s.name: {"passed": s.passed, "worst_err_over_bound": s.worst_err_over_bound}
-                             for s in run.scenarios}}
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
+                             for s in report.runs[0].scenarios}}
+        out.append(row)
         print(f"{name}: {'PASSED (missed!)' if report.passed else 'FAILED'} ({row['duration_s']} s)", flush=True)
+    rows = out.rows
     print(table(rows))
     return 1 if any(row["passed"] for row in rows) else 0
 

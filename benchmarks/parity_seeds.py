@@ -12,14 +12,13 @@ the targets (for a real model: which chats). Exit status 1 if any seed failed (a
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._runs import JsonLines, device_kind  # noqa: E402
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -63,32 +62,27 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--out", required=True, help="JSON lines, appended (resumes)")
     args = parser.parse_args(argv)
-    import torch
-    on_gpu = args.device != "cpu" and torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    kind = device_kind(args.device)
     from flashcore.parity.scenarios import SuiteConfig
     from flashcore.parity.suite import run_suite
 
-    out = Path(args.out)
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    done = {row["seed"] for row in rows}
+    out = JsonLines(args.out)
+    done = {row["seed"] for row in out.rows}
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     for seed in parse_seeds(args.seeds):
         if seed in done:
             continue
         t0 = time.perf_counter()
-        config = SuiteConfig.for_device("cuda" if on_gpu else "cpu", scenarios=scenarios, seed=seed)
-        report = run_suite(args.model, device=args.device, config=config)
+        report = run_suite(args.model, device=args.device,
+                           config=SuiteConfig.for_device(kind, scenarios=scenarios, seed=seed))
         new = record(report)
-        with out.open("a") as f:
-            for row in new:
-                f.write(json.dumps(row) + "\n")
-        rows += new
+        for row in new:
+            out.append(row)
         worst = max((float(s["worst_err_over_bound"]) for r in new for s in r["scenarios"].values()
                      if s["worst_err_over_bound"] is not None), default=float("nan"))
         print(f"seed {seed}: {'PASSED' if report.passed else 'FAILED'} worst err/bound {worst:.3f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = out.rows
     failed = sorted({row["seed"] for row in rows if not row["passed"]})
     print(f"\n{len({r['seed'] for r in rows})} seeds, {len(failed)} failed{': ' + str(failed) if failed else ''}")
     print(distribution(rows))

@@ -19,6 +19,8 @@ from flashcore.integrations import set_attention
 from flashcore.parity import decoding
 from flashcore.parity.results import Latency, LatencyRow
 
+_static_cache, _step_kwargs = decoding.static_cache, decoding.step_kwargs  # their names here before decoding had them
+
 
 @dataclass
 class Timing:

@@ -200,6 +200,12 @@ class ParityReport(_Doc):
     def scenario(self, name: str, preset: str | None = None) -> ScenarioResult:
         return (self.run(preset) if preset else self.runs[0]).scenario(name)
 
+    # the first model's run under the names a /1 document had at its top level (Python readers of /1 keep working)
+    model = property(lambda self: self.runs[0].model)
+    scenarios = property(lambda self: self.runs[0].scenarios)
+    latency = property(lambda self: self.runs[0].latency)
+    memory = property(lambda self: self.runs[0].memory)
+
     # -- I/O -------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:

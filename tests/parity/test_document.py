@@ -104,6 +104,7 @@ def test_v1_documents_are_read_as_one_run():
     assert run.model.params > 8_000_000_000 and run.memory.ratio == 4.0
     assert [s.name for s in run.scenarios] == [s["name"] for s in v1["scenarios"]]
     assert run.scenarios[0].measured == v1["scenarios"][0]["measured"]
+    assert report.model is run.model and report.scenarios is run.scenarios   # /1 readers' attribute names
     v1["model"].pop("params")
     with pytest.raises(SchemaError, match=r"^model\.params:"):   # a /1 document's own field path
         ParityReport.from_dict(v1)

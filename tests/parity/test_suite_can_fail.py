@@ -21,7 +21,7 @@ DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 
 def test_catalogue_covers_both_kernels_and_every_bug_class():
     names = mutants.CATALOGUE
-    assert len(names) >= 12 and len({m.edits for m in names.values()}) == len(names)
+    assert len(names) >= 12 and len({(m.file, m.edits) for m in names.values()}) == len(names)
     assert {m.file for m in names.values()} == {"prefill", "decode", "_common"}
     assert all(set(m.catches) <= set(REGISTRY) and m.catches for m in names.values())
 
