@@ -15,6 +15,7 @@ HF_TOKEN); where no hub is reachable it fails with one clear line.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -273,7 +274,6 @@ def _dequantized(gguf_file: str) -> dict:
 def _plain_model(model: torch.nn.Module, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
     """The same architecture and (dense) weights without transformers' quantizer marks, so it can be cast, copied
     and switched like any model (a GGUF-loaded model refuses .float())."""
-    import copy
     from transformers import AutoModelForCausalLM
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
