@@ -19,7 +19,7 @@ Why these and nothing else decide (no false alarms):
   on the CPU, seed 3 of smollm2-135m). The largest error of a run against the largest of the other run does not
   have that tail (~0.5 measured; docs/PARITY.md). A wrong mask, scale, head mapping or merge moves logits by far
   more than twice the noise: in the scenarios they fail, the 18 mutants of flashcore/parity/mutants.py reach
-  err/bound 4.7 to 430 or a NaN, each at least 98 somewhere (docs/PARITY.md); correct kernels stay near 0.5.
+  err/bound 3.4 to 480 or a NaN, each at least 98 somewhere (docs/PARITY.md); correct kernels stay near 0.5.
 - Top-1 is judged only where the reference is confident: margin > 2 * bound means no error within the bound
   can change the argmax (each of the two logits moves by at most the bound), so a correct kernel can never flip
   it; a flip there is a wrong answer any reader understands. Near-ties are not judged: low precision flips them

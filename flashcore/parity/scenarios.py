@@ -432,7 +432,9 @@ def large_scores(models: Models, cfg: SuiteConfig) -> Outcome:
     with scaled_qk(models, factor):
         reached = max_score(models.ref, prompt)
         tokens, _ = _targets(models, prompt, cfg.scores_steps)
-        ref, sdpa, fc = (_prompt_and_steps(m, prompt, tokens) for m in (models.ref, models.sdpa(), models.flashcore()))
+        ref = _prompt_and_steps(models.ref, prompt, tokens)
+        sdpa = _prompt_and_steps(models.sdpa(), prompt, tokens)   # one at a time: sdpa() and flashcore() switch
+        fc = _prompt_and_steps(models.flashcore(), prompt, tokens)  # the same model's attention
     check = criteria.check_steps(fc, sdpa, ref)
     measured = {"prompt_len": prompt.shape[1], "steps": cfg.scores_steps, "qk_scale_factor": factor,
                 "max_score_unscaled": before, "max_score": reached, "score_target": cfg.score_target}
