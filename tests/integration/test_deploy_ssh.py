@@ -42,7 +42,7 @@ def test_happy_path_passes_and_reports_everything(happy, sshd, code_snapshot):
     assert doc["sync"]["method"] == "rsync" and len(doc["sync"]["content_hash"]) == 64
     for key in ("python", "torch", "triton", "transformers", "flashcore", "flashcore_revision"):
         assert doc["versions"].get(key), key
-    assert doc["parity"]["schema"] == "flashcore.parity/1" and doc["parity"]["passed"] is True
+    assert doc["parity"]["schema"] == "flashcore.parity/2" and doc["parity"]["passed"] is True
 
 
 def test_happy_path_streams_and_fetches_artifacts(happy, sshd):

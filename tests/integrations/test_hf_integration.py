@@ -221,7 +221,7 @@ def test_unknown_preset_and_unreachable_hub_fail_in_one_line(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_graph_decode_step_over_static_cache():
     """A decode step captured as a CUDA graph over a StaticCache replays to the same tokens as eager decoding."""
-    from flashcore.parity.latency import _static_cache, _step_kwargs
+    from flashcore.parity.decoding import static_cache as _static_cache, step_kwargs as _step_kwargs
     model = _model("tiny", device="cuda", dtype=torch.bfloat16)
     replace_llama_attention_with_flashcore(model)
     prompt = torch.randint(0, 512, (1, 40), device="cuda")
