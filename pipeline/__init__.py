@@ -3,6 +3,8 @@
 Read top to bottom as a run flows; each module imports only those below it:
 
     cli        flashcore-deploy: flags -> Flags, signals, printing, the exit code   (fabfile.py: a sibling shell)
+    cluster    a Slurm cluster: the login node through the runner, its suite step one job array (slurm), then
+               one report per task and the fleet summary
     runner     one host: the steps in order, cancellation, cleanup, verdict, the report call (`run_host`)
     steps      each step: plan(facts) -> operations, conclude(facts, outputs) -> Outcome (both pure)
     report     one typed result -> Markdown + JSON, rendered once

@@ -1,6 +1,6 @@
 """pipeline.slurm against a real single-node Slurm (conftest.py): the rendered script submitted with sbatch, polled with
-squeue, cancelled with scancel, its tasks' files collected. Arrays run a plain command instead of the suite (seconds),
-except the first test, which runs the real tiny parity suite on the CPU in two array tasks."""
+squeue, cancelled with scancel, its tasks' files collected. Arrays run a plain command instead of the suite (seconds);
+the real tiny parity suite runs in an array through the CLI (test_cluster_cli.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import report, slurm
+from pipeline import slurm
 from pipeline.remote import LocalRemote
 from tests.slurm.cluster import Cluster
 
@@ -54,34 +54,6 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-
-
-def test_array_runs_the_tiny_suite_on_the_cpu(idle, code_workspace, tmp_path):
-    """Two array tasks each run the real parity suite (tiny preset, Triton interpreter) in their own folder."""
-    from flashcore.parity.results import ParityReport
-
-    cfg = config(idle, code_workspace, python=sys.executable, wall_s=600, poll_max_s=5)
-    seen: list[slurm.Progress] = []
-    run = slurm.run_array(LocalRemote(), cfg, slurm.render_script(cfg), on_progress=seen.append)
-
-    assert run.ended_by == "finished", run.summary()
-    assert [r.state for r in run.records] == ["COMPLETED", "COMPLETED"], [r.describe() for r in run.records]
-    assert all(r.ok and r.node == idle.node and r.exit_code == 0 for r in run.records)
-    assert max(p.running for p in seen) >= 1 and seen[-1].done == 2 and seen[0].done == 0
-    script = Path(run.script_path).read_text()
-    assert "--array=0-1" in script and "--parity-model tiny" in script and "--parity-device cpu" in script
-    local = slurm.fetch_results(LocalRemote(), run, tmp_path)
-    fetched = slurm.local_records(run.records, local)
-    for r in fetched:
-        doc = ParityReport.from_dict(json.loads(Path(r.parity_json).read_text()))
-        assert doc.passed and doc.model.preset == "tiny" and doc.environment.device == "cpu"
-        assert (Path(r.task_dir) / "junit.xml").is_file()
-    results = slurm.host_results(run, cfg, fetched)   # what the per-GPU reports and the fleet summary take
-    assert [(r.host, r.verdict, r.device) for r in results] == [(idle.node, "PASSED", "cpu")] * 2
-    (tmp_path / "reports").mkdir()
-    report.write(results[1], tmp_path / "reports", "task1")
-    md = (tmp_path / "reports" / "task1.md").read_text()
-    assert f"{idle.node}: PASSED" in md and f"Slurm job {run.job_id}_1" in md
 
 
 def test_gpu_tasks_get_their_own_gres_and_a_failing_task_is_named(idle, workspace):
