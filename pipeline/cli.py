@@ -249,7 +249,7 @@ def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
     for label, res in out.tasks.items():
         _tell(res, flags.report_dir, f"{target.name} {label}")
     _say(f"summary: {out.summary['md']} (exit {out.exit_code})")
-    return out.exit_code
+    return overall_exit_code([out.exit_code] + ([128 + cancel.signum] if cancel.is_set() else []))
 
 
 def guarded(fn: Callable[[], int], debug: bool) -> int:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline import local, report, slurm, summary
 from pipeline.errors import (ConnectError, Interrupted, InventoryError, ParityFailure, PipelineError, StepError,
-                             overall_exit_code, signal_name)
+                             UnreachableError, overall_exit_code, signal_name)
 from pipeline.inventory import Inventory, format_validation, load_inventory
 from pipeline.remote import Cancel, Remote
 from pipeline.results import HostRunResult, StepResult
@@ -163,32 +163,55 @@ def plan_array(c: Cluster, suite_command: str | None, done: list[ArrayDone], f: 
     return [Call(partial(drive_array, cfg, script, done, c.name), describe=lines)]
 
 
+class LoginShell:
+    """How the Slurm commands reach the login node: through the run's connection, with a Cancel of their own
+    (scancel, the settling polls and the collection must run after the run's Cancel is set; each is short and has
+    its timeout), and a dropped connection is an error: Fabric would silently open a new one, but the workspace
+    lock's holder went with the old one (and, on its way out, removed the token the tasks read)."""
+
+    def __init__(self, remote: Remote):
+        self.remote = remote
+
+    def _checked(self) -> Remote:
+        if not self.remote.alive():
+            raise UnreachableError(f"{self.remote.label}: the SSH connection dropped")
+        return self.remote
+
+    def run(self, command: str, *, timeout: float):
+        remote = self._checked()
+        saved, remote.cancel = remote.cancel, Cancel()
+        try:
+            return remote.run(command, timeout=timeout)
+        finally:
+            remote.cancel = saved
+
+    def get(self, remote_path: str, local_path: str) -> bool:
+        return self._checked().get(remote_path, local_path)
+
+
 def drive_array(cfg: slurm.SlurmConfig, script: str, done: list[ArrayDone], label: str, *, remote: Remote,
                 cancel: Cancel, say: Callable[[str], None], art_dir: Path) -> ArrayDone:
     """Submit, wait (progress printed), cancel when the run's Cancel or the wall limit says so, collect, fetch the
-    job's folder into the report's artifact folder, and make every task's HostRunResult."""
-    saved, remote.cancel = remote.cancel, Cancel()     # scancel must run after the run's Cancel is set
-    submitted: list[slurm.ArrayRun] = []
+    job's folder into the report's artifact folder, and make every task's HostRunResult. After a dropped
+    connection the job is cancelled over a new one, and the run ends UNREACHABLE like an SSH host's."""
+    shell, submitted = LoginShell(remote), []
 
     def on_submit(run: slurm.ArrayRun) -> None:
         submitted.append(run)
         say(f"[{label} suite] submitted job {run.job_id} ({run.tasks} tasks): {run.script_path}")
 
     try:
-        try:
-            run = slurm.run_array(remote, cfg, script, cancel_event=cancel.event, on_submit=on_submit,
-                                  on_progress=_progress_printer(say, f"[{label} suite]"))
-        except ConnectError:
-            if submitted:
-                _cancel_over_fresh_connection(remote, cfg, submitted[0], say, label)
-            raise
-        out = ArrayDone(run, cfg, records=run.records)
-        try:
-            out.records = slurm.local_records(run.records, slurm.fetch_results(remote, run, art_dir))
-        except (PipelineError, OSError) as e:
-            out.fetch_error = f"the job's results could not be fetched: {e}"
-    finally:
-        remote.cancel = saved
+        run = slurm.run_array(shell, cfg, script, cancel_event=cancel.event, on_submit=on_submit,
+                              on_progress=_progress_printer(say, f"[{label} suite]"))
+    except ConnectError:
+        if submitted:
+            _cancel_over_fresh_connection(remote, cfg, submitted[0], say, label)
+        raise
+    out = ArrayDone(run, cfg, records=run.records)
+    try:
+        out.records = slurm.local_records(run.records, slurm.fetch_results(shell, run, art_dir))
+    except (PipelineError, OSError) as e:
+        out.fetch_error = f"the job's results could not be fetched: {e}"
     out.tasks = slurm.host_results(run, cfg, out.records, cancel.signum or None)
     done.append(out)
     return out

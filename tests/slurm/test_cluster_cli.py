@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -213,3 +214,26 @@ def test_pending_past_the_wall_limit_is_cancelled_and_named_with_slurms_reason(i
     junit = next((tmp_path / "r").glob("summary-*.junit.xml")).read_text()
     assert f'errors="{len(docs)}"' in junit and "NOT RUN: PENDING" in junit
     assert not idle.active_jobs()
+
+
+def test_a_dropped_login_connection_cancels_the_job_over_a_new_one(idle, checkout, shared_ws, login_sshd, tmp_path):
+    """The SSH connection to the login node dies while the tasks run (its sshd processes killed): the job is
+    cancelled over a fresh connection, exit 3, the login node's report says UNREACHABLE, nothing left running."""
+    hosts = {"login1": {"address": "127.0.0.1", "port": login_sshd.port, "user": os.environ.get("USER") or "root",
+                        "identity": str(login_sshd.client_key), "known_hosts": str(login_sshd.known_hosts)}}
+    inv = inventory(tmp_path / "inv.yaml", idle, shared_ws, hosts, login="login1")
+    bg = Background(["--inventory", str(inv), "--target", "lab", "--skip", "install", "--suite-command", SLEEPER],
+                    tmp_path / "r", cwd=checkout)
+    bg.wait_for("0 pending, 2 running", timeout=120)
+    master = int((login_sshd.dir / "sshd.pid").read_text())
+    for pid in subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    run = bg.finish(timeout=120)
+    assert run.code == 3, run.out[-4000:]
+    job = re.search(r"submitted job (\d+)", run.out).group(1)
+    assert f"the connection dropped: cancelled job {job} over a new one" in run.out
+    (login,) = reports(tmp_path / "r").values()
+    assert login["verdict"] == "UNREACHABLE" and "connection dropped" in login["error"]
+    assert not idle.active_jobs()
+    for task in (0, 1):
+        assert gone(int((shared_ws / "slurm" / job / str(task) / "pid").read_text()))
