@@ -43,7 +43,7 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline import commands, parse
-from pipeline.errors import EXIT_OK, EXIT_PARITY, EXIT_STEP, StepError
+from pipeline.errors import EXIT_GPU, EXIT_OK, EXIT_PARITY, EXIT_STEP, StepError
 from pipeline.settings import DEFAULTS
 from pipeline.results import GpuInfo, HostRunResult, StepResult
 
@@ -512,9 +512,9 @@ class _Watch:
     vanished: bool = False
 
 
-def _poll_once(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch) -> None:
+def _poll_once(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, timeout: float = 60) -> None:
     try:
-        statuses = poll(runner, cfg, run.job_id)
+        statuses = poll(runner, cfg, run.job_id, timeout)
     except SlurmError as e:     # a busy slurmctld times out now and then: five in a row is an error
         w.failures += 1
         run.errors.append(str(e))
@@ -549,13 +549,18 @@ def _wait(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, t0: float,
 
 
 def _settle(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch) -> None:
-    """After scancel: poll until Slurm says every task ended (KillWait, epilogs), for at most settle_s."""
+    """After scancel: poll until Slurm says every task ended (KillWait, epilogs), for at most settle_s in all (a
+    controller that does not answer must not hold a Ctrl-C for minutes); the records then come from what was
+    seen last."""
     t0, interval = time.monotonic(), min(1.0, cfg.poll_min_s)
-    while time.monotonic() - t0 < cfg.settle_s:
-        _poll_once(runner, cfg, run, w)
+    while (left := cfg.settle_s - (time.monotonic() - t0)) > 0:
+        try:
+            _poll_once(runner, cfg, run, w, timeout=max(1.0, left))
+        except SlurmError:          # squeue kept failing (said in run.errors)
+            return
         if w.vanished or progress(w.known, run.tasks, 0).finished:
             return
-        time.sleep(interval)
+        time.sleep(min(interval, max(0.0, cfg.settle_s - (time.monotonic() - t0))))
         interval = min(interval * 1.5, cfg.poll_max_s)
     run.errors.append(f"tasks still not ended {cfg.settle_s:g} s after scancel")
 
@@ -696,6 +701,16 @@ def gpu_index(rec: TaskRecord) -> int:
     return 0
 
 
+def wrong_gpu(required: str, rec: TaskRecord) -> str:
+    """Why a task that ran did not meet a GPU name the entry requires (`gpu: H100`: a case-insensitive part of
+    nvidia-smi's name, as for SSH hosts); '' when it did, or when `any` / `none` is required."""
+    want = required.strip()
+    if not rec.ran or want.lower() in ("any", "none") or want.lower() in rec.gpu_name.lower():
+        return ""
+    got = f"a {rec.gpu_name}" if rec.gpu_name else "a GPU nvidia-smi did not name"
+    return f"task {rec.task_id} ran on {got} on {rec.node or 'its node'}, not a {want}"
+
+
 def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict | None = None,
                 signum: int | None = None) -> HostRunResult:
     """One task as the HostRunResult an SSH run produces (schema flashcore.report/1), so report.write and
@@ -703,6 +718,9 @@ def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict |
     or none for CPU tasks, the suite's parity document, and one `suite` step that says what Slurm said."""
     _, summary = parse.parity_summary(parity)
     verdict, code = task_verdict(rec, parity, run.ended_by, signum)
+    error = "" if code == EXIT_OK else rec.describe()
+    if (wrong := wrong_gpu(cfg.gpu, rec)) and code < 128:      # as an SSH host's gpu step: exit 4, whatever ran
+        verdict, code, error = "GPU REQUIREMENT NOT MET", EXIT_GPU, wrong
     gpus = [GpuInfo(index=gpu_index(rec), name=rec.gpu_name, uuid=rec.gpu_uuid)] if cfg.uses_gpu and rec.ran else []
     detail = f"Slurm job {run.job_id}_{rec.task_id}: {rec.describe()}" + (f"; {summary}" if parity else "")
     step = StepResult("suite", "ok" if code == EXIT_OK else "failed", detail=detail, command=run.script_path)
@@ -717,8 +735,7 @@ def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict |
         local=cfg.login is None, model=cfg.suite_model, device=("cuda" if cfg.uses_gpu else "cpu") if rec.ran else "",
         require_gpu=cfg.gpu, workspace=cfg.workspace, started_at=rec.started_at, finished_at=rec.ended_at,
         duration_s=rec.duration_s or 0.0,
-        steps=[step], gpus=gpus, parity=parity, verdict=verdict, exit_code=code,
-        error="" if code == EXIT_OK else rec.describe(), notes=notes)
+        steps=[step], gpus=gpus, parity=parity, verdict=verdict, exit_code=code, error=error, notes=notes)
 
 
 def host_results(run: ArrayRun, cfg: SlurmConfig, records: list[TaskRecord] | None = None,

@@ -212,3 +212,20 @@ def test_a_tasks_gpu_index_is_slurms_not_the_cgroups_renumbering():
     assert slurm.gpu_index(rec) == 5
     assert slurm.gpu_index(slurm.TaskRecord(task_id=0, state="RUNNING", cuda_visible_devices="3")) == 3
     assert slurm.gpu_index(slurm.TaskRecord(task_id=0, state="RUNNING", cuda_visible_devices="GPU-0d1e")) == 0
+
+
+def test_a_gpu_name_the_entry_requires_is_checked_on_each_task(tmp_path):
+    """`gpu: H100` as for SSH hosts: a task that ran on another GPU (or one nvidia-smi did not name) is GPU
+    REQUIREMENT NOT MET, exit 4, whatever its suite said; `any` checks nothing."""
+    def rec(name):
+        return slurm.TaskRecord(task_id=2, state="COMPLETED", exit_code=0, ran=True, node="n7", gpu_name=name,
+                                parity_json="x")
+    assert slurm.wrong_gpu("h100", rec("NVIDIA H100 80GB HBM3")) == "" and slurm.wrong_gpu("any", rec("")) == ""
+    assert slurm.wrong_gpu("H100", rec("NVIDIA A100-SXM4-80GB")) == \
+        "task 2 ran on a NVIDIA A100-SXM4-80GB on n7, not a H100"
+    assert "a GPU nvidia-smi did not name" in slurm.wrong_gpu("H100", rec(""))
+    run = slurm.ArrayRun(9, "", 3, str(tmp_path), str(tmp_path / "validate.sbatch"))
+    passing = json.loads((FIX.parent / "parity" / "pass_cpu_tiny.json").read_text())
+    res = slurm.host_result(rec("NVIDIA A100-SXM4-80GB"), run, cfg(gpu="H100"), passing)
+    assert (res.verdict, res.exit_code, res.steps[0].status) == ("GPU REQUIREMENT NOT MET", 4, "failed")
+    assert slurm.host_result(rec("NVIDIA H100 PCIe"), run, cfg(gpu="H100"), passing).verdict == "PASSED"

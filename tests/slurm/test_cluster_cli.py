@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.harness import GOOD, REPO_ID, Background, deploy, start_hub
+from tests.integration.harness import GOOD, REPO_ID, Background, alive, deploy, start_hub
 from tests.slurm.cluster import Cluster
 
 PASS_DOC = "tests/pipeline/fixtures/parity/pass_cpu_tiny.json"       # paths in the synced workspace
@@ -54,14 +54,6 @@ def reports(report_dir: Path) -> dict[str, dict]:
 def summary_doc(report_dir: Path) -> dict:
     (path,) = report_dir.glob("summary-*.json")
     return json.loads(path.read_text())
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
 def test_local_login_runs_the_tiny_suite_as_an_array_into_reports_and_summary(idle, checkout, shared_ws, tmp_path):
@@ -120,7 +112,7 @@ def test_over_ssh_gpu_tasks_name_node_and_uuid_and_failures_and_the_token_leaks_
                         "identity": str(login_sshd.client_key), "known_hosts": str(login_sshd.known_hosts),
                         "python": sys.executable}}
     env = {**idle.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    inv = inventory(tmp_path / "inv.yaml", idle, shared_ws, hosts, login="login1", gpus=3, gpu="any", env=env,
+    inv = inventory(tmp_path / "inv.yaml", idle, shared_ws, hosts, login="login1", gpus=3, gpu="h100", env=env,
                     python=None, model=REPO_ID)
     suite = ('stat -c %a "$HF_TOKEN_PATH" > "$task_dir/token.mode"; case $SLURM_ARRAY_TASK_ID in '
              f'0) cp {PASS_DOC} "$task_dir/parity.json";; 1) exit 3;; 2) cp {FAIL_DOC} "$task_dir/parity.json"; '
@@ -184,7 +176,7 @@ def test_sigterm_cancels_the_array_and_the_reports_say_interrupted(idle, checkou
     assert not idle.active_jobs()
     for key, d in docs.items():
         job, task = key.split("_")
-        assert gone(int((shared_ws / "slurm" / job / task / "pid").read_text()))
+        assert not alive(int((shared_ws / "slurm" / job / task / "pid").read_text()))
 
 
 @pytest.mark.parametrize("cause", ["partition down", "node drained"])
@@ -236,4 +228,4 @@ def test_a_dropped_login_connection_cancels_the_job_over_a_new_one(idle, checkou
     assert login["verdict"] == "UNREACHABLE" and "connection dropped" in login["error"]
     assert not idle.active_jobs()
     for task in (0, 1):
-        assert gone(int((shared_ws / "slurm" / job / str(task) / "pid").read_text()))
+        assert not alive(int((shared_ws / "slurm" / job / str(task) / "pid").read_text()))

@@ -5,7 +5,6 @@ the real tiny parity suite runs in an array through the CLI (test_cluster_cli.py
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 from pipeline import slurm
 from pipeline.remote import LocalRemote
+from tests.integration.harness import alive
 from tests.slurm.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,14 +46,6 @@ class Recorder(LocalRemote):
     def times(self, program: str) -> list[float]:
         """When `program` was the command run (after the `env K=V` prefix)."""
         return [t for t, c in self.calls if re.match(rf"^(env (\S+=\S+ )+)?{program} ", c)]
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
 def test_gpu_tasks_get_their_own_gres_and_a_failing_task_is_named(idle, workspace):
@@ -92,7 +84,7 @@ def test_a_task_cancelled_mid_run(idle, workspace):
     done, killed = run.records
     assert run.ended_by == "finished" and (done.state, done.exit_code) == ("COMPLETED", 0)
     assert (killed.state, killed.signal, killed.exit_code, killed.ran) == ("CANCELLED", 15, None, True)
-    assert gone(cancelled[0])
+    assert not alive(cancelled[0])
 
 
 def test_pending_past_the_wall_limit_is_cancelled_and_named(idle, workspace):
@@ -141,7 +133,7 @@ def test_cancel_event_from_another_thread(idle, workspace):
                           on_progress=lambda p: p.running and threading.Timer(0.5, event.set).start())
     (r,) = run.records
     assert run.ended_by == "cancelled" and (r.state, r.state_at_cancel, r.ran) == ("CANCELLED", "RUNNING", True)
-    assert gone(int(Path(r.task_dir, "pid").read_text()))
+    assert not alive(int(Path(r.task_dir, "pid").read_text()))
 
 
 @pytest.mark.parametrize("sig, ended_by, code", [(signal.SIGTERM, "cancelled", 143),
@@ -166,4 +158,4 @@ def test_a_signal_cancels_the_job_and_the_records_still_come(idle, workspace, si
     assert [(r["state"], r["state_at_cancel"]) for r in doc["records"]] == [("CANCELLED", "RUNNING")] * 2
     assert not idle.active_jobs()
     for r in doc["records"]:
-        assert gone(int(Path(r["task_dir"], "pid").read_text()))
+        assert not alive(int(Path(r["task_dir"], "pid").read_text()))
