@@ -15,7 +15,6 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from pipeline import __version__, errors, local, report, subcommands
@@ -186,27 +185,13 @@ def check_output(flags: Flags) -> None:
     report.check_report_dir(flags.report_dir)
 
 
-def run_options(flags: Flags, code_root: Path, **kw):
-    """The runner's options from the flags (`kw`: the rest, e.g. cancel, reproduce)."""
-    from pipeline.runner import RunOptions
-    return RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
-                      template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
-                      code_root=code_root, **kw)
-
-
 def dry_run(hosts: list[HostConfig], flags: Flags, code_root: Path) -> None:
-    from pipeline.runner import plan_lines
+    from pipeline.runner import RunOptions, plan_lines
     for cfg in hosts:
-        for line in plan_lines(cfg, run_options(flags, code_root)):
+        opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
+                          suite_command=flags.suite_command, code_root=code_root)
+        for line in plan_lines(cfg, opts):
             _say(line)
-
-
-def _tell(res: HostRunResult, report_dir: str, label: str = "") -> None:
-    """One host's (or Slurm task's) end: a line on stdout, and one on stderr when it did not pass."""
-    _say(f"{res.verdict}: {label or res.host} (exit {res.exit_code}) report "
-         f"{Path(report_dir) / res.artifacts.get('report_md', '-')}")
-    if res.exit_code:
-        _err(f"flashcore-deploy: {label or res.host}: {res.verdict}: {res.error}")
 
 
 def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConfig], str]) -> int:
@@ -220,36 +205,23 @@ def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConf
         dry_run(hosts, flags, code_root)
         return errors.EXIT_OK
     check_output(flags)
-    from pipeline.runner import run_host
+    from pipeline.runner import RunOptions, run_host
     results: list[HostRunResult] = []
     with signals_cancel(_err) as cancel:
         for cfg in hosts:
             if cancel.is_set():
                 _err(f"flashcore-deploy: {cfg.name}: not run ({signal_name(cancel.signum)})")
                 continue
-            res = run_host(cfg, run_options(flags, code_root, reproduce=reproduce(cfg), cancel=cancel))
+            opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
+                              template=flags.template, suite_command=flags.suite_command, debug=flags.debug,
+                              reproduce=reproduce(cfg), out=_say, code_root=code_root, cancel=cancel)
+            res = run_host(cfg, opts)
             results.append(res)
-            _tell(res, flags.report_dir)
+            _say(f"{res.verdict}: {res.host} (exit {res.exit_code}) report "
+                 f"{Path(flags.report_dir) / res.artifacts.get('report_md', '-')}")
+            if res.exit_code:
+                _err(f"flashcore-deploy: {res.host}: {res.verdict}: {res.error}")
     return overall_exit_code([r.exit_code for r in results] + ([128 + cancel.signum] if cancel.is_set() else []))
-
-
-def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
-    """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
-    job array through its login node; the exit code."""
-    from pipeline import cluster
-    opts = run_options(flags, local.find_code_root(), reproduce=shlex.join(["flashcore-deploy", *argv]))
-    if flags.list_hosts or flags.dry_run:
-        for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
-            _say(line)
-        return errors.EXIT_OK
-    check_output(flags)
-    with signals_cancel(_err) as cancel:
-        out = cluster.run_cluster(target, replace(opts, cancel=cancel))
-    _tell(out.login, flags.report_dir, f"{target.name} (login node)")
-    for label, res in out.tasks.items():
-        _tell(res, flags.report_dir, f"{target.name} {label}")
-    _say(f"summary: {out.summary['md']} (exit {out.exit_code})")
-    return overall_exit_code([out.exit_code] + ([128 + cancel.signum] if cancel.is_set() else []))
 
 
 def guarded(fn: Callable[[], int], debug: bool) -> int:
@@ -288,6 +260,32 @@ def main(argv: list[str] | None = None) -> int:
         return execute(flags, hosts, lambda cfg: _reproduce(argv, cfg, len(hosts) > 1))
 
     return guarded(go, debug)
+
+
+def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
+    """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
+    job array through its login node: a line per task as SSH hosts get, the summary, the exit code."""
+    from dataclasses import replace
+
+    from pipeline import cluster
+    from pipeline.runner import RunOptions
+    opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
+                      template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
+                      code_root=local.find_code_root(), reproduce=shlex.join(["flashcore-deploy", *argv]))
+    if flags.list_hosts or flags.dry_run:
+        for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
+            _say(line)
+        return errors.EXIT_OK
+    check_output(flags)
+    with signals_cancel(_err) as cancel:
+        out = cluster.run_cluster(target, replace(opts, cancel=cancel))
+    for label, res in [("login node", out.login), *out.tasks.items()]:
+        _say(f"{res.verdict}: {target.name} {label} (exit {res.exit_code}) report "
+             f"{Path(flags.report_dir) / res.artifacts.get('report_md', '-')}")
+        if res.exit_code:
+            _err(f"flashcore-deploy: {target.name} {label}: {res.verdict}: {res.error}")
+    _say(f"summary: {out.summary['md']} (exit {out.exit_code})")
+    return errors.overall_exit_code([out.exit_code] + ([128 + cancel.signum] if cancel.is_set() else []))
 
 
 def entry() -> None:

@@ -6,7 +6,6 @@ writes it) and the run says why with a non-zero exit; a template that does not e
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -76,16 +75,9 @@ def criteria_legend(parity: dict[str, Any] | None) -> dict[str, str]:
     return names
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled(path: Path) -> jinja2.Template:
-    """A template compiled once per process: compiling report.md.j2 takes ~20 ms, rendering it well under one,
-    which matters when one run writes a report per GPU of a cluster (docs/SCALE.md)."""
-    return environment(path).get_template(path.name)
-
-
 def render_markdown(result: HostRunResult, template: str | Path | None = None) -> str:
     path = Path(template) if template else DEFAULT_TEMPLATE
-    tpl = _compiled(path.resolve())
+    tpl = environment(path).get_template(path.name)
     _, summary = parse.parity_summary(result.parity)
     return tpl.render(r=result, parity=result.parity or {}, parity_summary=summary, failed=result.failed_steps,
                       criteria=criteria_legend(result.parity))

@@ -47,6 +47,7 @@ class RunOptions:
     report_dir: str = "reports"
     template: str | None = None
     suite_command: str | None = None    # testing aid: replaces the pytest invocation (see --suite-command)
+    steps: tuple[Step, ...] = STEPS     # a Slurm cluster's login node runs others (pipeline.cluster)
     kill_after_s: float = 10.0
     reproduce: str = ""
     debug: bool = False
@@ -54,7 +55,6 @@ class RunOptions:
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     code_root: Path = field(default_factory=local.find_code_root)
     cancel: Cancel = field(default_factory=Cancel)
-    steps: tuple[Step, ...] = STEPS     # a Slurm cluster's login node runs others (pipeline.cluster)
 
 
 def gather_here(cfg: HostConfig, opts: RunOptions, started: datetime) -> Here:

@@ -673,7 +673,9 @@ def task_verdict(rec: TaskRecord, parity: dict | None, ended_by: str, signum: in
     ran and disagree with the reference), with Slurm's state and reason where the task did not end with results.
     A task the pipeline's own stop (a signal: `stopping_signal`) cut short, running or still pending, is
     INTERRUPTED (128 + the signal) like an SSH run; one that never ran for any other reason (pending past the wall
-    limit, a drained node, a down partition) is NOT RUN with Slurm's state and reason, exit 5."""
+    limit, a drained node, a down partition) is NOT RUN with Slurm's state and reason, exit 5: an error in the
+    fleet summary (JUnit <error>, the run fails), not its "not run" status, which names a GPU the run chose not
+    to validate (JUnit <skipped>, no exit code). A GPU that was asked for and not validated must fail the run."""
     why = f" ({rec.reason})" if rec.reason else ""
     stopped = stopping_signal(ended_by, signum) if rec.state_at_cancel else None
     if not rec.ran:
