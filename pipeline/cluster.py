@@ -100,8 +100,8 @@ def resolve(flags: Flags, code_root: Path) -> Cluster | None:
 def _login(name: str, cfg: slurm.SlurmConfig, flags: Flags, inv: Inventory, path: str, code_root: Path) -> HostConfig:
     """The login node as the runner's host: an inventory host (its layering), else an address or ssh_config
     name (as --host), else this machine; the workspace, python and model are the cluster's."""
-    own = {"workspace": cfg.workspace, "python": cfg.python, "model": cfg.suite_model, "require_gpu": "none",
-           "timeout": None}                    # --timeout is the array's wall limit, not a suite's on the login node
+    own = {"workspace": cfg.workspace, "python": cfg.python, "model": cfg.suite_model, "require_gpu": cfg.gpu,
+           "timeout": None}     # the tasks' GPU (the login node has no gpu step); --timeout: the array's wall limit
     if cfg.login is None:
         f = Flags(local=True, lock_timeout=flags.lock_timeout, **own)
     elif cfg.login in inv.hosts:

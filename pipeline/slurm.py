@@ -132,6 +132,13 @@ class SlurmConfig(BaseModel):
             raise ValueError(f"must be one word without quotes or $: {v!r}")
         return v
 
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v: str) -> str:
+        if not v.strip() or any(c in v for c in "\n\r\0"):
+            raise ValueError(f"must be a GPU name (H100), any or none, got {v!r}")
+        return v.strip()
+
     @field_validator("gpu_request")
     @classmethod
     def _gpu_request(cls, v: str) -> str:

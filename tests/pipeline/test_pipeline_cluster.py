@@ -48,6 +48,7 @@ def with_entry(inv: Path, **changes) -> Path:
     ({"sbatch_options": ["--array=0-9"]}, "clusters.lab.sbatch_options: --array is set by the pipeline itself"),
     ({"env": {"HF_TOKEN": "x"}}, "clusters.lab.env: HF_TOKEN looks like a secret"),
     ({"login": "login 1"}, "clusters.lab.login: must be one word"),
+    ({"gpu": " "}, "clusters.lab.gpu: must be a GPU name (H100), any or none"),
     ({"model": "llama-9"}, "clusters.lab.model: unknown model preset 'llama-9'"),
 ])
 def test_a_bad_cluster_entry_exits_2_naming_file_and_field(inv, changes, words, capsys):
