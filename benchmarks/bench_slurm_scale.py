@@ -3,8 +3,10 @@
 Each task runs a trivial command instead of the suite: it copies a real parity document (the tiny preset's, from
 tests/pipeline/fixtures/parity/) into its folder, so collection, transfer and reports move realistic sizes.
 Measured through pipeline.slurm exactly as a run does (submit, one squeue per poll, collect, fetch_results, one
-per-GPU report per task through report.write_report), then the alternatives it avoids: N separate sbatch jobs
-instead of one array, and one squeue per job instead of one per poll.
+per-GPU report per task through report.write), then the alternatives it avoids: N separate sbatch jobs instead of
+one array, and one squeue per job instead of one per poll; then the product end to end: `flashcore-deploy
+--inventory X --target lab --local` (pipeline.cluster: the login node's steps, the array, a report per task, the
+fleet summary, JUnit and history), timed by the lines it prints.
 
     .venv/bin/python benchmarks/bench_slurm_scale.py [--tasks 300] [--cpus 32] [--json out.json]
 
@@ -75,8 +77,9 @@ def array_run(cluster, ws: Path, tasks: int) -> dict:
     fetch_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reports = ws.parent / "reports"
+    reports.mkdir()
     for i, res in enumerate(slurm.host_results(run, cfg, slurm.local_records(run.records, local))):
-        report.write_report(res, reports, f"task{i}")
+        report.write(res, reports, f"task{i}")
     report_s = time.perf_counter() - t0
     polls = runner.of("squeue")
     collect = runner.of("find")
@@ -93,6 +96,38 @@ def array_run(cluster, ws: Path, tasks: int) -> dict:
         "report_md_bytes": sum(p.stat().st_size for p in reports.glob("*.md")),
         "report_json_bytes": sum(p.stat().st_size for p in reports.glob("*.json")),
     }
+
+
+def product_run(cluster, tmp: Path, tasks: int) -> dict:
+    """The CLI on this machine as the login node, an inventory cluster of `tasks` CPU tasks (the same trivial
+    command): the seconds from start to the array's submission, to its last task's end, to the fetched results,
+    and to the exit (a report per task, the summary, history)."""
+    import yaml
+
+    inv = tmp / "inventory.yaml"
+    inv.write_text(yaml.safe_dump({"clusters": {"lab": {
+        "workspace": str(tmp / "shared" / "cli-ws"), "gpus": tasks, "gpu": "none", "time": "10",
+        "env": dict(cluster.env), "wall_s": 1800}}}))
+    argv = [sys.executable, "-m", "pipeline.cli", "--inventory", str(inv), "--target", "lab", "--local",
+            "--skip", "install", "--report-dir", str(tmp / "cli-reports"),
+            "--suite-command", f'cp {PARITY_DOC} "$task_dir/parity.json"']
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
+    with subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            for key, text in (("submitted", "submitted job"), ("ended", f" done of {tasks} "),
+                              ("fetched", "[lab] suite    ok"), ("login_report", "[lab] report")):
+                if text in line and (key == "ended" or key not in marks):
+                    marks[key] = round(time.monotonic() - t0, 2)
+    total = round(time.monotonic() - t0, 2)
+    summary = next((tmp / "cli-reports").glob("summary-*.json"))
+    doc = json.loads(summary.read_text())
+    return {"tasks": tasks, "exit_code": proc.returncode, "passed": doc["passed"], "seconds": {**marks, "exit": total},
+            "task_reports": len(list((tmp / "cli-reports").glob("lab-*_*.md"))),
+            "summary_md_bytes": summary.with_suffix(".md").stat().st_size,
+            "summary_json_bytes": summary.stat().st_size,
+            "junit_bytes": summary.with_suffix(".junit.xml").stat().st_size,
+            "history_bytes": (tmp / "cli-reports" / "history.sqlite").stat().st_size}
 
 
 def many_jobs(cluster, ws: Path, jobs: int) -> dict:
@@ -127,7 +162,8 @@ def main() -> None:
     try:
         ws = tmp / "shared" / "ws"
         ws.mkdir(parents=True)
-        figures = {"array": array_run(cluster, ws, args.tasks), "many_jobs": many_jobs(cluster, ws, args.tasks)}
+        figures = {"array": array_run(cluster, ws, args.tasks), "product": product_run(cluster, tmp, args.tasks),
+                   "many_jobs": many_jobs(cluster, ws, args.tasks)}     # last: its jobs are left to the queue
         version = cluster.run("sinfo", "--version").stdout.strip()
     finally:
         cluster.stop()

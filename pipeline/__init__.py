@@ -4,6 +4,8 @@ Read top to bottom as a run flows; each module imports only those below it:
 
     cli        flashcore-deploy: flags -> Flags, signals, the inventory's lock, the exit code   (fabfile.py: a sibling)
     fleet      many hosts at once: the bound, wall limits, live/plain output, then the summary's end
+    cluster    a Slurm cluster: the login node through the runner, its suite step one job array (slurm), then
+               one report per task and the fleet summary
     summary    the history's judgement, the summary files (history, regression, gpu_result below it)
     runner     one host: the steps in order (a GPU's suite each at once), cancellation, cleanup, verdict, report
     steps      each step: plan(facts) -> operations, conclude(facts, outputs) -> Outcome (both pure)

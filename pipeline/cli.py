@@ -299,10 +299,40 @@ def main(argv: list[str] | None = None) -> int:
             return errors.EXIT_OK
         raw = {k: v for k, v in vars(a).items() if k != "version"}
         flags = make_flags(**raw)
+        if flags.inventory or flags.target:   # a target may be a Slurm cluster of the inventory
+            from pipeline import cluster
+            if (target := cluster.resolve(flags, local.find_code_root())) is not None:
+                return execute_cluster(flags, target, argv)
         hosts = resolve(flags, local.find_code_root())
         return execute(flags, hosts, lambda cfg: _reproduce(argv, cfg, len(hosts) > 1))
 
     return guarded(go, debug)
+
+
+def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
+    """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
+    job array through its login node: a line per task as SSH hosts get, the summary, the exit code."""
+    from dataclasses import replace
+
+    from pipeline import cluster
+    from pipeline.runner import RunOptions
+    opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
+                      template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
+                      code_root=local.find_code_root(), reproduce=shlex.join(["flashcore-deploy", *argv]))
+    if flags.list_hosts or flags.dry_run:
+        for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
+            _say(line)
+        return errors.EXIT_OK
+    check_output(flags)
+    with signals_cancel(_err) as cancel:
+        out = cluster.run_cluster(target, replace(opts, cancel=cancel))
+    for label, res in [("login node", out.login), *out.tasks.items()]:
+        _say(f"{res.verdict}: {target.name} {label} (exit {res.exit_code}) report "
+             f"{Path(flags.report_dir) / res.artifacts.get('report_md', '-')}")
+        if res.exit_code:
+            _err(f"flashcore-deploy: {target.name} {label}: {res.verdict}: {res.error}")
+    _say(f"summary: {out.summary['md']} (exit {out.exit_code})")
+    return errors.overall_exit_code([out.exit_code] + ([128 + cancel.signum] if cancel.is_set() else []))
 
 
 def entry() -> None:

@@ -17,11 +17,12 @@ from collections.abc import Mapping, Sequence
 
 q = shlex.quote
 
-# Root-anchored (leading "/") or any depth; a trailing "/" matches directories only (rsync semantics).
+# Root-anchored (leading "/") or any depth; a trailing "/" matches directories only (rsync semantics). Excluded
+# paths in the workspace are also kept from rsync's --delete: the venv, runtime files, Slurm jobs' folders (slurm/).
 SYNC_EXCLUDES = (
     "/.git", "/.venv/", "/venv/", "/reports/", "/.gpuhost/", "/.tmp/", "/.whl/", "/build/", "/dist/",
-    "/.flashcore/", "/.benchmarks/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/",
-    "*.pyc", "*.pyo", ".DS_Store",
+    "/.flashcore/", "/slurm/", "/.benchmarks/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/",
+    "*.egg-info/", "*.pyc", "*.pyo", ".DS_Store",
 )
 GPU_QUERY_FIELDS = (
     "index", "name", "uuid", "compute_cap", "memory.total", "memory.used", "driver_version",

@@ -7,6 +7,8 @@
       lab-b: {address: gpu-b.example.org}
     groups:
       nightly: [runpod-a, lab-b]
+    clusters:      # Slurm: one job array through the login node (pipeline.cluster; fields: slurm.SlurmConfig)
+      lab: {executor: slurm, login: lab-b, workspace: /shared/alice/flashcore, partition: gpu, gpus: 64}
 
 Unknown keys and bad values are rejected with the file, the field and why (`InventoryError`, exit 2); so is a
 file that is not UTF-8 YAML (binary, invalid UTF-8, nesting deeper than libyaml's 1000 levels) and a mapping with
@@ -153,8 +155,9 @@ class Host(HostSettings):
 class Inventory(BaseModel):
     model_config = ConfigDict(extra="forbid")
     defaults: HostSettings = HostSettings()
-    hosts: dict[str, Host]
+    hosts: dict[str, Host] = {}
     groups: dict[str, list[str]] = {}
+    clusters: dict[str, dict[str, Any]] = {}   # `executor: slurm` entries: pipeline.cluster checks each one
     default_target: str | None = None
     history: str | None = None        # the history store (default: history.sqlite beside the reports)
 
@@ -167,18 +170,25 @@ class Inventory(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> Inventory:
+        if not {"hosts", "clusters"} & self.model_fields_set:
+            raise ValueError("hosts: Field required (or clusters)")
         for group, members in self.groups.items():
             if group in self.hosts:
                 raise ValueError(f"groups.{group}: a host has the same name")
             for m in members:
+                if m in self.clusters:
+                    raise ValueError(f"groups.{group}: {m!r} is a Slurm cluster, run on its own (--target {m})")
                 if m not in self.hosts:
                     raise ValueError(f"groups.{group}: unknown host {m!r}")
-        if self.default_target and self.default_target not in (*self.hosts, *self.groups, "all"):
+        for name in self.clusters:
+            if name in self.hosts or name in self.groups or name == "all":
+                raise ValueError(f"clusters.{name}: a host or group has the same name")
+        if self.default_target and self.default_target not in (*self.hosts, *self.groups, *self.clusters, "all"):
             raise ValueError(f"default_target: unknown host or group {self.default_target!r}")
         return self
 
 
-def _format_validation(path: str, err: ValidationError) -> str:
+def format_validation(path: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-")) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
@@ -239,7 +249,7 @@ def parse_inventory(text: str | bytes, path: str = "inventory.yaml") -> Inventor
     try:
         return Inventory.model_validate(data)
     except ValidationError as e:
-        raise InventoryError(_format_validation(path, e)) from None
+        raise InventoryError(format_validation(path, e)) from None
     except RecursionError:
         raise InventoryError(f"{path}: nested too deeply to be an inventory") from None
 
@@ -276,5 +286,7 @@ def select_hosts(inv: Inventory, target: str | None) -> list[str]:
         return [target]
     if target in inv.groups:
         return list(dict.fromkeys(inv.groups[target]))
+    if target in inv.clusters:
+        raise UsageError(f"{target!r} is a Slurm cluster: validate it with flashcore-deploy --target {target}")
     known = ", ".join([*inv.hosts, *inv.groups, "all"])
     raise UsageError(f"unknown target {target!r} (known: {known})")

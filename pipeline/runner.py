@@ -37,8 +37,8 @@ from pipeline.remote import Cancel, LocalRemote, Remote
 from pipeline.results import GpuInfo, HostRunResult, StepResult
 from pipeline.settings import HostConfig, describe
 from pipeline.ssh import TARGET_ALIAS, open_remote, rsync_ssh_config
-from pipeline.steps import (FORWARDED_ENV, STEPS, SUITE_FILES, TINY, Facts, Get, Here, Hold, HoldOutput, Outcome,
-                            Put, PutTarball, Rsync, Run, Step, SuiteTarget)
+from pipeline.steps import (FORWARDED_ENV, STEPS, SUITE_FILES, TINY, Call, Facts, Get, Here, Hold, HoldOutput,
+                            Outcome, Put, PutTarball, Rsync, Run, Step, SuiteTarget)
 
 LOCK_RETRY_S = 1.0
 
@@ -64,6 +64,7 @@ class RunOptions:
     report_dir: str = "reports"
     template: str | None = None
     suite_command: str | None = None    # testing aid: replaces the pytest invocation (see --suite-command)
+    steps: tuple[Step, ...] = STEPS     # a Slurm cluster's login node runs others (pipeline.cluster)
     kill_after_s: float = 10.0
     reproduce: str = ""
     debug: bool = False
@@ -191,6 +192,9 @@ class _Run:
             return self._get(op)
         if isinstance(op, Hold):
             return self._hold(op)
+        if isinstance(op, Call):
+            self.art_dir.mkdir(parents=True, exist_ok=True)
+            return op.fn(remote=self.remote, cancel=self.opts.cancel, say=self.say, art_dir=self.art_dir)
         raise TypeError(f"unknown operation {op!r}")
 
     def _artifact_path(self, name: str) -> Path:
@@ -366,7 +370,7 @@ def _run_steps(run: _Run, facts: Facts, result: HostRunResult) -> tuple[Pipeline
     """Every step in order; after a failure the rest are skipped. (error, the step that failed)."""
     error: PipelineError | None = None
     failed_step = ""
-    for step in STEPS:
+    for step in run.opts.steps:
         if error is not None:
             result.steps.append(StepResult(step.name, "skipped", detail=f"not run: {failed_step} failed"))
             continue
@@ -418,7 +422,7 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
     except (OSError, StepError) as e:       # the report folder or this checkout: before any step ran
         error, failed_step = (e if isinstance(e, StepError) else StepError(f"report folder {report_dir}: {e}"),
                               "checkout" if stem else "report")
-        result.steps = [StepResult(s.name, "skipped", detail=f"not run: {failed_step} failed") for s in STEPS]
+        result.steps = [StepResult(s.name, "skipped", detail=f"not run: {failed_step} failed") for s in opts.steps]
     except Exception as e:  # noqa: BLE001 - a bug outside the steps: reported as this host's unknown state
         error, failed_step = UnknownError(f"unexpected {type(e).__name__}: {e}"), "runner"
         _debug_traceback(opts)
@@ -520,6 +524,8 @@ def describe_op(op, cfg: HostConfig, facts: Facts) -> list[str]:
     if isinstance(op, Hold):
         return [f"$ {op.command}", f"    (kept running until the run ends; retried for up to {op.wait_s:g} s while "
                                   "another run holds the lock)"]
+    if isinstance(op, Call):
+        return list(op.describe)
     return [repr(op)]
 
 
@@ -529,7 +535,7 @@ def plan_lines(cfg: HostConfig, opts: RunOptions) -> list[str]:
     lines = [f"# {describe(cfg)}",
              f"# dry run: nothing runs. Assumed: $HOME={facts.probe['home']}, the tools present, the suite on "
              f"{facts.device} with {facts.model}"]
-    for step in STEPS:
+    for step in opts.steps:
         if step.name in opts.skip:
             lines.append(f"## {step.name}: skipped (--skip)")
             continue

@@ -43,7 +43,7 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline import commands, parse
-from pipeline.errors import EXIT_OK, EXIT_SIGINT, EXIT_PARITY, EXIT_STEP, StepError
+from pipeline.errors import EXIT_GPU, EXIT_OK, EXIT_PARITY, EXIT_STEP, StepError
 from pipeline.settings import DEFAULTS
 from pipeline.results import GpuInfo, HostRunResult, StepResult
 
@@ -105,7 +105,9 @@ class SlurmConfig(BaseModel):
     cpus_per_task: int = Field(1, ge=1)
     time: str = Field("00:30:00", description="each task's Slurm time limit (sbatch --time)")
     sbatch_options: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --qos=debug")
-    python: str | None = Field(None, description="python on the nodes; default WS/.venv/bin/python")
+    python: str | None = Field(None, description="the interpreter whose torch/triton the tasks use: WS/.venv is "
+                                                  "built on it on the login node and the tasks run that venv "
+                                                  "(default: the login host's python); the same path on the nodes")
     model: str | None = Field(None, description=f"default {DEFAULTS.model} on GPUs, {TINY} on CPU tasks")
     setup: list[str] = Field(default_factory=list, description="shell lines each task runs first (module load ...)")
     env: dict[str, str] = Field(default_factory=dict, description="for the Slurm commands and every task")
@@ -123,12 +125,19 @@ class SlurmConfig(BaseModel):
             raise ValueError(f"not a Slurm time limit: {v!r} (minutes, HH:MM:SS or D-HH:MM:SS)")
         return v.strip()
 
-    @field_validator("partition", "account", "job_name")
+    @field_validator("login", "partition", "account", "job_name")
     @classmethod
     def _word(cls, v: str | None) -> str | None:
         if v is not None and (not v.strip() or re.search(r"[\s'\"\\$`]", v)):
             raise ValueError(f"must be one word without quotes or $: {v!r}")
         return v
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v: str) -> str:
+        if not v.strip() or any(c in v for c in "\n\r\0"):
+            raise ValueError(f"must be a GPU name (H100), any or none, got {v!r}")
+        return v.strip()
 
     @field_validator("gpu_request")
     @classmethod
@@ -370,6 +379,7 @@ class TaskRecord:
     node: str = ""
     gpu_uuid: str = ""
     gpu_name: str = ""
+    job_gpus: str = ""               # SLURM_JOB_GPUS: the GPU's index on its node (not remapped by cgroups)
     cuda_visible_devices: str = ""
     exit_code: int | None = None     # the suite's, from facts.json; else Slurm's
     signal: int | None = None
@@ -411,7 +421,8 @@ def task_records(tasks: int, job_dir: str, statuses: Mapping[int, TaskStatus], f
             task_id=tid, state=st.state if st else UNKNOWN, reason=st.reason if st else "",
             state_at_cancel=before.state if before is not None and not before.ended else "",
             node=(st.node if st else "") or str(fa.get("hostname", "")), gpu_uuid=str(fa.get("gpu_uuid", "")),
-            gpu_name=str(fa.get("gpu_name", "")), cuda_visible_devices=str(fa.get("cuda_visible_devices", "")),
+            gpu_name=str(fa.get("gpu_name", "")), job_gpus=str(fa.get("job_gpus", "")),
+            cuda_visible_devices=str(fa.get("cuda_visible_devices", "")),
             exit_code=code, signal=(st.signal or None) if st else None,
             ran=bool(fa) or bool(st and st.node),
             started_at=_utc(fa.get("started")) or (st.started_at if st and st.node else ""),
@@ -508,9 +519,9 @@ class _Watch:
     vanished: bool = False
 
 
-def _poll_once(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch) -> None:
+def _poll_once(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, timeout: float = 60) -> None:
     try:
-        statuses = poll(runner, cfg, run.job_id)
+        statuses = poll(runner, cfg, run.job_id, timeout)
     except SlurmError as e:     # a busy slurmctld times out now and then: five in a row is an error
         w.failures += 1
         run.errors.append(str(e))
@@ -545,13 +556,18 @@ def _wait(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch, t0: float,
 
 
 def _settle(runner: Runner, cfg: SlurmConfig, run: ArrayRun, w: _Watch) -> None:
-    """After scancel: poll until Slurm says every task ended (KillWait, epilogs), for at most settle_s."""
+    """After scancel: poll until Slurm says every task ended (KillWait, epilogs), for at most settle_s in all (a
+    controller that does not answer must not hold a Ctrl-C for minutes); the records then come from what was
+    seen last."""
     t0, interval = time.monotonic(), min(1.0, cfg.poll_min_s)
-    while time.monotonic() - t0 < cfg.settle_s:
-        _poll_once(runner, cfg, run, w)
+    while (left := cfg.settle_s - (time.monotonic() - t0)) > 0:
+        try:
+            _poll_once(runner, cfg, run, w, timeout=max(1.0, left))
+        except SlurmError:          # squeue kept failing (said in run.errors)
+            return
         if w.vanished or progress(w.known, run.tasks, 0).finished:
             return
-        time.sleep(interval)
+        time.sleep(min(interval, max(0.0, cfg.settle_s - (time.monotonic() - t0))))
         interval = min(interval * 1.5, cfg.poll_max_s)
     run.errors.append(f"tasks still not ended {cfg.settle_s:g} s after scancel")
 
@@ -651,46 +667,90 @@ def local_records(records: list[TaskRecord], local_dir: Path) -> list[TaskRecord
 # ------------------------------------------------------------------------------------- per-GPU reports
 
 
-def task_verdict(rec: TaskRecord, parity_passed: bool | None, ended_by: str) -> tuple[str, int]:
-    """The verdict line and exit code of one task's report, in the SSH runs' words, with Slurm's state and reason
-    where the task did not end with results."""
+def stopping_signal(ended_by: str, signum: int | None = None) -> int | None:
+    """The signal that stopped the run, if one did: the caller's (the CLI's Cancel knows it), else SIGINT for
+    Ctrl-C without a handler ("interrupted") and SIGTERM for the cancel event (cancel_on_signals' signal)."""
+    if ended_by not in ("interrupted", "cancelled"):
+        return None
+    return signum or (signal.SIGINT if ended_by == "interrupted" else signal.SIGTERM)
+
+
+def task_verdict(rec: TaskRecord, parity: dict | None, ended_by: str, signum: int | None = None) -> tuple[str, int]:
+    """The verdict line and exit code of one task's report, in the SSH runs' words (exit 1 only when the kernels
+    ran and disagree with the reference), with Slurm's state and reason where the task did not end with results.
+    A task the pipeline's own stop (a signal: `stopping_signal`) cut short, running or still pending, is
+    INTERRUPTED (128 + the signal) like an SSH run; one that never ran for any other reason (pending past the wall
+    limit, a drained node, a down partition) is NOT RUN with Slurm's state and reason, exit 5: an error in the
+    fleet summary (JUnit <error>, the run fails), not its "not run" status, which names a GPU the run chose not
+    to validate (JUnit <skipped>, no exit code). A GPU that was asked for and not validated must fail the run."""
     why = f" ({rec.reason})" if rec.reason else ""
+    stopped = stopping_signal(ended_by, signum) if rec.state_at_cancel else None
     if not rec.ran:
+        if stopped:
+            return f"INTERRUPTED: never ran ({rec.state_at_cancel}{why})", 128 + stopped
         return f"NOT RUN: {rec.state_at_cancel or rec.state}{why}", EXIT_STEP
-    if parity_passed is True and rec.state == "COMPLETED" and rec.exit_code == 0:
-        return "PASSED", EXIT_OK
-    if parity_passed is False:
+    passed, _ = parse.parity_summary(parity)
+    if parity is not None and parse.model_not_loaded(parity):
+        return "ERROR: model not loaded", EXIT_STEP
+    if passed is False:
         return "FAILED: parity", EXIT_PARITY
-    if rec.state_at_cancel and ended_by == "interrupted":
-        return "INTERRUPTED", EXIT_SIGINT
-    return f"ERROR: {rec.state}{why}", EXIT_STEP
+    if passed is True and rec.state == "COMPLETED" and rec.exit_code == 0:
+        return "PASSED", EXIT_OK
+    if stopped:
+        return "INTERRUPTED", 128 + stopped
+    return f"ERROR: {rec.state}{why}" + (" without parity results" if rec.state == "COMPLETED" else ""), EXIT_STEP
 
 
-def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict | None = None) -> HostRunResult:
+def gpu_index(rec: TaskRecord) -> int:
+    """The task's GPU on its node: SLURM_JOB_GPUS (global, even where cgroups renumber CUDA_VISIBLE_DEVICES
+    from 0), else CUDA_VISIBLE_DEVICES, else 0."""
+    for value in (rec.job_gpus, rec.cuda_visible_devices):
+        if value.split(",")[0].isdigit():
+            return int(value.split(",")[0])
+    return 0
+
+
+def wrong_gpu(required: str, rec: TaskRecord) -> str:
+    """Why a task that ran did not meet a GPU name the entry requires (`gpu: H100`: a case-insensitive part of
+    nvidia-smi's name, as for SSH hosts); '' when it did, or when `any` / `none` is required."""
+    want = required.strip()
+    if not rec.ran or want.lower() in ("any", "none") or want.lower() in rec.gpu_name.lower():
+        return ""
+    got = f"a {rec.gpu_name}" if rec.gpu_name else "a GPU nvidia-smi did not name"
+    return f"task {rec.task_id} ran on {got} on {rec.node or 'its node'}, not a {want}"
+
+
+def host_result(rec: TaskRecord, run: ArrayRun, cfg: SlurmConfig, parity: dict | None = None,
+                signum: int | None = None) -> HostRunResult:
     """One task as the HostRunResult an SSH run produces (schema flashcore.report/1), so report.write and
-    the fleet summary take it as they are: host = the node, one GpuInfo (CUDA_VISIBLE_DEVICES' index, UUID, name)
+    the fleet summary take it as they are: host = the node, one GpuInfo (its index on the node, UUID, name)
     or none for CPU tasks, the suite's parity document, and one `suite` step that says what Slurm said."""
-    passed, summary = parse.parity_summary(parity)
-    verdict, code = task_verdict(rec, passed, run.ended_by)
-    index = int(rec.cuda_visible_devices) if rec.cuda_visible_devices.isdigit() else 0
-    gpus = [GpuInfo(index=index, name=rec.gpu_name, uuid=rec.gpu_uuid)] if cfg.uses_gpu and rec.ran else []
+    _, summary = parse.parity_summary(parity)
+    verdict, code = task_verdict(rec, parity, run.ended_by, signum)
+    error = "" if code == EXIT_OK else rec.describe()
+    if (wrong := wrong_gpu(cfg.gpu, rec)) and code < 128:      # as an SSH host's gpu step: exit 4, whatever ran
+        verdict, code, error = "GPU REQUIREMENT NOT MET", EXIT_GPU, wrong
+    gpus = [GpuInfo(index=gpu_index(rec), name=rec.gpu_name, uuid=rec.gpu_uuid)] if cfg.uses_gpu and rec.ran else []
     detail = f"Slurm job {run.job_id}_{rec.task_id}: {rec.describe()}" + (f"; {summary}" if parity else "")
     step = StepResult("suite", "ok" if code == EXIT_OK else "failed", detail=detail, command=run.script_path)
     notes = [f"Validated by Slurm: array task {rec.task_id} of job {run.job_id} ({run.tasks} tasks, ended: "
              f"{run.ended_by}); its files: {rec.task_dir}."]
-    if rec.cuda_visible_devices:
-        notes.append(f"CUDA_VISIBLE_DEVICES={rec.cuda_visible_devices}")
+    gres = ", ".join(f"{k}={v}" for k, v in (("SLURM_JOB_GPUS", rec.job_gpus),
+                                             ("CUDA_VISIBLE_DEVICES", rec.cuda_visible_devices)) if v)
+    if gres:
+        notes.append(gres)
     return HostRunResult(
         host=rec.node or f"{cfg.job_name}[{rec.task_id}]", address=cfg.login or "localhost", port=0, user="",
         local=cfg.login is None, model=cfg.suite_model, device=("cuda" if cfg.uses_gpu else "cpu") if rec.ran else "",
         require_gpu=cfg.gpu, workspace=cfg.workspace, started_at=rec.started_at, finished_at=rec.ended_at,
         duration_s=rec.duration_s or 0.0,
-        steps=[step], gpus=gpus, parity=parity, verdict=verdict, exit_code=code,
-        error="" if code == EXIT_OK else rec.describe(), notes=notes)
+        steps=[step], gpus=gpus, parity=parity, verdict=verdict, exit_code=code, error=error, notes=notes)
 
 
-def host_results(run: ArrayRun, cfg: SlurmConfig, records: list[TaskRecord] | None = None) -> list[HostRunResult]:
-    """Every task's HostRunResult; `records`: the fetched copies (local_records) whose parity.json are read."""
+def host_results(run: ArrayRun, cfg: SlurmConfig, records: list[TaskRecord] | None = None,
+                 signum: int | None = None) -> list[HostRunResult]:
+    """Every task's HostRunResult; `records`: the fetched copies (local_records) whose parity.json are read;
+    `signum`: the signal that stopped the run (task_verdict)."""
     out = []
     for rec in records or run.records:
         doc = None
@@ -699,5 +759,5 @@ def host_results(run: ArrayRun, cfg: SlurmConfig, records: list[TaskRecord] | No
                 doc = json.loads(Path(rec.parity_json).read_text())
             except ValueError:
                 doc = None
-        out.append(host_result(rec, run, cfg, doc))
+        out.append(host_result(rec, run, cfg, doc, signum))
     return out

@@ -86,6 +86,17 @@ class Hold:
     wait_s: float                  # how long to keep trying while another run holds it
 
 
+@dataclass(frozen=True)
+class Call:
+    """Work that is a loop rather than a list of commands (a Slurm job array: submit, poll until it ends, cancel,
+    collect), driving the host through the run's connection. The runner calls `fn(remote=, cancel=, say=,
+    art_dir=)` (the connection, the run's Cancel, the progress printer, the report's artifact folder); its
+    return value is the operation's output. `describe`: what --dry-run prints."""
+
+    fn: Callable[..., Any] = field(repr=False)
+    describe: tuple[str, ...] = ()
+
+
 @dataclass
 class HoldOutput:
     held: bool
@@ -93,7 +104,7 @@ class HoldOutput:
     waited_s: float
 
 
-Op = Union[Run, Rsync, PutTarball, Put, Get, Hold]
+Op = Union[Run, Rsync, PutTarball, Put, Get, Hold, Call]
 
 
 # ------------------------------------------------------------------------------------------------ facts

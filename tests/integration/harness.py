@@ -131,11 +131,12 @@ class Run:
 CODE = {"root": REPO}  # set to the frozen snapshot by the code_snapshot fixture
 
 
-def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240) -> Run:
+def deploy(args: list[str], report_dir: Path, env: dict | None = None, timeout: float = 240,
+           cwd: Path | None = None) -> Run:
     """Run the real CLI (`python -m pipeline.cli`, from the code snapshot) as a subprocess, output captured."""
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--report-dir", str(report_dir)],
-                       cwd=CODE["root"], env=_env(env), capture_output=True, text=True, timeout=timeout)
+                       cwd=cwd or CODE["root"], env=_env(env), capture_output=True, text=True, timeout=timeout)
     return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0, report_dir, p.stderr)
 
 

@@ -172,7 +172,8 @@ def test_task_reports_speak_like_ssh_runs(tmp_path):
     assert results[0].started_at == "2026-11-28T01:50:31+00:00" and results[5].gpus == []
     md = report.render_markdown(results[5])
     assert "NOT RUN: PENDING (Resources)" in md and "task 5: never ran: PENDING (Resources)" in md
-    assert slurm.task_verdict(records[0], False, "finished") == ("FAILED: parity", 1)
+    failing = json.loads((FIX.parent / "parity" / "fail_h100_synthetic.json").read_text())
+    assert slurm.task_verdict(records[0], failing, "finished") == ("FAILED: parity", 1)
 
 
 def test_the_documented_inventory_entry_is_valid():
@@ -180,3 +181,51 @@ def test_the_documented_inventory_entry_is_valid():
 
     entry = slurm.SlurmConfig(**yaml.safe_load(slurm.SlurmConfig.__doc__.split("\n", 2)[2]))
     assert (entry.login, entry.gpus, entry.uses_gpu, entry.suite_model) == ("lab-login", 64, True, "llama-3.1-8b")
+
+
+@pytest.mark.parametrize("record, parity, ended_by, signum, expected", [
+    (dict(state="CANCELLED", reason="Priority", state_at_cancel="PENDING"), None, "cancelled", 15,
+     ("INTERRUPTED: never ran (PENDING (Priority))", 143)),
+    (dict(state="CANCELLED", state_at_cancel="RUNNING", ran=True), None, "cancelled", 2, ("INTERRUPTED", 130)),
+    (dict(state="CANCELLED", state_at_cancel="RUNNING", ran=True), None, "interrupted", None, ("INTERRUPTED", 130)),
+    (dict(state="CANCELLED", reason="Resources", state_at_cancel="PENDING"), None, "wall limit", None,
+     ("NOT RUN: PENDING (Resources)", 5)),
+    (dict(state="CANCELLED", state_at_cancel="RUNNING", ran=True), None, "wall limit", None, ("ERROR: CANCELLED", 5)),
+    (dict(state="NODE_FAIL", reason="NodeDown", ran=True), None, "finished", None, ("ERROR: NODE_FAIL (NodeDown)", 5)),
+    (dict(state="COMPLETED", exit_code=0, ran=True), None, "finished", None,
+     ("ERROR: COMPLETED without parity results", 5)),
+    (dict(state="COMPLETED", exit_code=0, ran=True), "pass_cpu_tiny", "finished", None, ("PASSED", 0)),
+    # finished between the last poll and the cancel: what it says counts, not the interruption
+    (dict(state="COMPLETED", exit_code=0, ran=True, state_at_cancel="RUNNING"), "pass_cpu_tiny", "cancelled", 15,
+     ("PASSED", 0)),
+    (dict(state="FAILED", exit_code=1, ran=True), "fail_h100_synthetic", "finished", None, ("FAILED: parity", 1)),
+    (dict(state="FAILED", exit_code=1, ran=True), "model_not_loaded", "finished", None,
+     ("ERROR: model not loaded", 5)),   # the kernels never ran: not a parity failure (exit 1 means only that)
+])
+def test_task_verdicts(record, parity, ended_by, signum, expected):
+    doc = json.loads((FIX.parent / "parity" / f"{parity}.json").read_text()) if parity else None
+    assert slurm.task_verdict(slurm.TaskRecord(task_id=0, **record), doc, ended_by, signum) == expected
+
+
+def test_a_tasks_gpu_index_is_slurms_not_the_cgroups_renumbering():
+    rec = slurm.TaskRecord(task_id=0, state="RUNNING", job_gpus="5", cuda_visible_devices="0")
+    assert slurm.gpu_index(rec) == 5
+    assert slurm.gpu_index(slurm.TaskRecord(task_id=0, state="RUNNING", cuda_visible_devices="3")) == 3
+    assert slurm.gpu_index(slurm.TaskRecord(task_id=0, state="RUNNING", cuda_visible_devices="GPU-0d1e")) == 0
+
+
+def test_a_gpu_name_the_entry_requires_is_checked_on_each_task(tmp_path):
+    """`gpu: H100` as for SSH hosts: a task that ran on another GPU (or one nvidia-smi did not name) is GPU
+    REQUIREMENT NOT MET, exit 4, whatever its suite said; `any` checks nothing."""
+    def rec(name):
+        return slurm.TaskRecord(task_id=2, state="COMPLETED", exit_code=0, ran=True, node="n7", gpu_name=name,
+                                parity_json="x")
+    assert slurm.wrong_gpu("h100", rec("NVIDIA H100 80GB HBM3")) == "" and slurm.wrong_gpu("any", rec("")) == ""
+    assert slurm.wrong_gpu("H100", rec("NVIDIA A100-SXM4-80GB")) == \
+        "task 2 ran on a NVIDIA A100-SXM4-80GB on n7, not a H100"
+    assert "a GPU nvidia-smi did not name" in slurm.wrong_gpu("H100", rec(""))
+    run = slurm.ArrayRun(9, "", 3, str(tmp_path), str(tmp_path / "validate.sbatch"))
+    passing = json.loads((FIX.parent / "parity" / "pass_cpu_tiny.json").read_text())
+    res = slurm.host_result(rec("NVIDIA A100-SXM4-80GB"), run, cfg(gpu="H100"), passing)
+    assert (res.verdict, res.exit_code, res.steps[0].status) == ("GPU REQUIREMENT NOT MET", 4, "failed")
+    assert slurm.host_result(rec("NVIDIA H100 PCIe"), run, cfg(gpu="H100"), passing).verdict == "PASSED"

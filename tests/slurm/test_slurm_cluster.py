@@ -1,11 +1,10 @@
 """pipeline.slurm against a real single-node Slurm (conftest.py): the rendered script submitted with sbatch, polled with
-squeue, cancelled with scancel, its tasks' files collected. Arrays run a plain command instead of the suite (seconds),
-except the first test, which runs the real tiny parity suite on the CPU in two array tasks."""
+squeue, cancelled with scancel, its tasks' files collected. Arrays run a plain command instead of the suite (seconds);
+the real tiny parity suite runs in an array through the CLI (test_cluster_cli.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import report, slurm
+from pipeline import slurm
 from pipeline.remote import LocalRemote
+from tests.integration.harness import alive
 from tests.slurm.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,42 +46,6 @@ class Recorder(LocalRemote):
     def times(self, program: str) -> list[float]:
         """When `program` was the command run (after the `env K=V` prefix)."""
         return [t for t, c in self.calls if re.match(rf"^(env (\S+=\S+ )+)?{program} ", c)]
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-
-
-def test_array_runs_the_tiny_suite_on_the_cpu(idle, code_workspace, tmp_path):
-    """Two array tasks each run the real parity suite (tiny preset, Triton interpreter) in their own folder."""
-    from flashcore.parity.results import ParityReport
-
-    cfg = config(idle, code_workspace, python=sys.executable, wall_s=600, poll_max_s=5)
-    seen: list[slurm.Progress] = []
-    run = slurm.run_array(LocalRemote(), cfg, slurm.render_script(cfg), on_progress=seen.append)
-
-    assert run.ended_by == "finished", run.summary()
-    assert [r.state for r in run.records] == ["COMPLETED", "COMPLETED"], [r.describe() for r in run.records]
-    assert all(r.ok and r.node == idle.node and r.exit_code == 0 for r in run.records)
-    assert max(p.running for p in seen) >= 1 and seen[-1].done == 2 and seen[0].done == 0
-    script = Path(run.script_path).read_text()
-    assert "--array=0-1" in script and "--parity-model tiny" in script and "--parity-device cpu" in script
-    local = slurm.fetch_results(LocalRemote(), run, tmp_path)
-    fetched = slurm.local_records(run.records, local)
-    for r in fetched:
-        doc = ParityReport.from_dict(json.loads(Path(r.parity_json).read_text()))
-        assert doc.passed and doc.model.preset == "tiny" and doc.environment.device == "cpu"
-        assert (Path(r.task_dir) / "junit.xml").is_file()
-    results = slurm.host_results(run, cfg, fetched)   # what the per-GPU reports and the fleet summary take
-    assert [(r.host, r.verdict, r.device) for r in results] == [(idle.node, "PASSED", "cpu")] * 2
-    (tmp_path / "reports").mkdir()
-    report.write(results[1], tmp_path / "reports", "task1")
-    md = (tmp_path / "reports" / "task1.md").read_text()
-    assert f"{idle.node}: PASSED" in md and f"Slurm job {run.job_id}_1" in md
 
 
 def test_gpu_tasks_get_their_own_gres_and_a_failing_task_is_named(idle, workspace):
@@ -120,7 +84,7 @@ def test_a_task_cancelled_mid_run(idle, workspace):
     done, killed = run.records
     assert run.ended_by == "finished" and (done.state, done.exit_code) == ("COMPLETED", 0)
     assert (killed.state, killed.signal, killed.exit_code, killed.ran) == ("CANCELLED", 15, None, True)
-    assert gone(cancelled[0])
+    assert not alive(cancelled[0])
 
 
 def test_pending_past_the_wall_limit_is_cancelled_and_named(idle, workspace):
@@ -169,7 +133,7 @@ def test_cancel_event_from_another_thread(idle, workspace):
                           on_progress=lambda p: p.running and threading.Timer(0.5, event.set).start())
     (r,) = run.records
     assert run.ended_by == "cancelled" and (r.state, r.state_at_cancel, r.ran) == ("CANCELLED", "RUNNING", True)
-    assert gone(int(Path(r.task_dir, "pid").read_text()))
+    assert not alive(int(Path(r.task_dir, "pid").read_text()))
 
 
 @pytest.mark.parametrize("sig, ended_by, code", [(signal.SIGTERM, "cancelled", 143),
@@ -194,4 +158,4 @@ def test_a_signal_cancels_the_job_and_the_records_still_come(idle, workspace, si
     assert [(r["state"], r["state_at_cancel"]) for r in doc["records"]] == [("CANCELLED", "RUNNING")] * 2
     assert not idle.active_jobs()
     for r in doc["records"]:
-        assert gone(int(Path(r["task_dir"], "pid").read_text()))
+        assert not alive(int(Path(r["task_dir"], "pid").read_text()))
