@@ -35,20 +35,31 @@ SUITE_TEST = "tests/parity/test_parity_suite.py"
 
 
 def is_excluded(relpath: str, is_dir: bool, patterns: Sequence[str] = SYNC_EXCLUDES) -> bool:
-    """Whether `relpath` (POSIX, relative to the synced root) is excluded; the same rules rsync applies."""
+    """Whether `relpath` (POSIX, relative to the synced root) is excluded; the same rules rsync applies to these
+    patterns: an anchored one ("/a/b") matches the whole path from the root, its `*` and `?` never crossing a
+    "/"; any other matches the last name at any depth (no "**", no unanchored "a/b": none is used)."""
     parts = relpath.strip("/").split("/")
-    name = parts[-1]
     for pat in patterns:
-        dir_only = pat.endswith("/")
-        p = pat.rstrip("/")
-        if dir_only and not is_dir:
+        if pat.endswith("/") and not is_dir:
             continue
+        p = pat.rstrip("/")
         if p.startswith("/"):
-            if len(parts) == 1 and fnmatch.fnmatchcase(name, p[1:]):
+            want = p[1:].split("/")
+            if len(want) == len(parts) and all(map(fnmatch.fnmatchcase, parts, want)):
                 return True
-        elif fnmatch.fnmatchcase(name, p):
+        elif fnmatch.fnmatchcase(parts[-1], p):
             return True
     return False
+
+
+def anchored_pattern(relpath: str) -> str:
+    """A path relative to the synced root (a trailing "/": a directory) as an anchored exclude pattern that means
+    that path alone to rsync and to `is_excluded`: wildcard characters in names become one-character classes
+    (`[*]`), which both read as the character itself; a backslash beside them (rsync would take it as an escape)
+    becomes `?`, which matches it and any other one character of a name."""
+    if any(c in relpath for c in "*?["):
+        relpath = "".join(f"[{c}]" if c in "*?[" else "?" if c == "\\" else c for c in relpath)
+    return "/" + relpath
 
 
 def expand_home(path: str, home: str) -> str:

@@ -1,5 +1,5 @@
 """Facts about the operator's machine: the code tree to sync (and its content hash), the git revision, the
-dependency spec from pyproject.toml, and the HF token. Local filesystem reads only; never a connection."""
+dependency spec from pyproject.toml, and the HF token. Local reads only (files, git); never a connection."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.commands import SYNC_EXCLUDES, is_excluded
+from pipeline.commands import SYNC_EXCLUDES, anchored_pattern, is_excluded
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_SCRIPTS = Path(__file__).resolve().parent / "remote_scripts"
@@ -33,9 +33,15 @@ class CodeTree:
     files: tuple[str, ...]           # POSIX paths relative to root, sorted
     content_hash: str                # sha256 over (path, file sha256) pairs
     total_bytes: int
+    excludes: tuple[str, ...] = SYNC_EXCLUDES   # the patterns it was collected with: rsync is given the same
 
 
-def collect_tree(root: Path = REPO_ROOT, excludes=SYNC_EXCLUDES) -> CodeTree:
+def collect_tree(root: Path = REPO_ROOT, excludes: tuple[str, ...] | None = None) -> CodeTree:
+    """The files to sync under `root` and their content hash. `excludes`: default SYNC_EXCLUDES and, when `root`
+    is the top of a git checkout, what git ignores there (`git_ignored`): the tar path sends these files, and
+    rsync is given the same patterns (`CodeTree.excludes`), so both send the same tree."""
+    if excludes is None:
+        excludes = SYNC_EXCLUDES + git_ignored(root)
     files: list[str] = []
     total = 0
     digest = hashlib.sha256()
@@ -54,7 +60,8 @@ def collect_tree(root: Path = REPO_ROOT, excludes=SYNC_EXCLUDES) -> CodeTree:
         data = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
         total += len(data)
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-    return CodeTree(root=root, files=tuple(files), content_hash=digest.hexdigest(), total_bytes=total)
+    return CodeTree(root=root, files=tuple(files), content_hash=digest.hexdigest(), total_bytes=total,
+                    excludes=tuple(excludes))
 
 
 def make_tarball(tree: CodeTree) -> bytes:
@@ -66,22 +73,35 @@ def make_tarball(tree: CodeTree) -> bytes:
     return buf.getvalue()
 
 
+def _git(root: Path, *args: str) -> str | None:
+    """git's stdout in the checkout whose top is `root` itself; None when `root` is not the top of a git checkout
+    (a copy nested inside another repository must not take that repository's facts) or git is missing."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10).stdout
+    try:
+        top = git("rev-parse", "--show-toplevel").strip()
+        if not top or Path(top).resolve() != Path(root).resolve():
+            return None
+        return git(*args)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def git_revision(root: Path = REPO_ROOT) -> str:
     """`<sha>` or `<sha>+dirty` of the checkout at `root` itself, or '' when `root` is not the top of a git
     checkout (a copy nested inside another repository must not report that repository's commit)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    try:
-        top = git("rev-parse", "--show-toplevel")
-        if not top or Path(top).resolve() != Path(root).resolve():
-            return ""
-        sha = git("rev-parse", "--short=12", "HEAD")
-        if not sha:
-            return ""
-        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
+    sha = (_git(root, "rev-parse", "--short=12", "HEAD") or "").strip()
+    if not sha:
         return ""
+    return sha + ("+dirty" if (_git(root, "status", "--porcelain", "--untracked-files=no") or "").strip() else "")
+
+
+def git_ignored(root: Path = REPO_ROOT) -> tuple[str, ...]:
+    """What git ignores in the checkout at `root` (its .gitignore files, .git/info/exclude, core.excludesFile;
+    tracked files never), as anchored exclude patterns, a wholly ignored folder as one; () when `root` is not the
+    top of a git checkout. The datasets, wheel folders and kits a user keeps there are not sent to every host."""
+    out = _git(root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory")
+    return tuple(anchored_pattern(p) for p in sorted((out or "").split("\0")) if p)
 
 
 def requirements(root: Path = REPO_ROOT) -> list[str]:

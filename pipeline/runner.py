@@ -172,7 +172,7 @@ class _Run:
             return res
         if isinstance(op, Rsync):
             dest, ssh = self.remote.rsync_target(op.workspace)
-            argv = commands.rsync_argv(op.source, dest, ssh, prepare=op.prepare)
+            argv = commands.rsync_argv(op.source, dest, ssh, op.excludes, prepare=op.prepare)
             res = LocalRemote(self.opts.cancel).run(shlex.join(argv), timeout=op.timeout)
             track.result = res
             return res
@@ -510,8 +510,9 @@ def describe_op(op, cfg: HostConfig, facts: Facts) -> list[str]:
         return [f"$ {op.command}"] + ([f"    < stdin: {op.stdin_label}"] if op.stdin is not None else [])
     if isinstance(op, Rsync):
         if cfg.local:
-            return ["(here) $ " + shlex.join(commands.rsync_argv(op.source, op.workspace, None, prepare=op.prepare))]
-        argv = commands.rsync_argv(op.source, f"{TARGET_ALIAS}:{op.workspace}", "ssh -F SSH_CONFIG",
+            return ["(here) $ " + shlex.join(commands.rsync_argv(op.source, op.workspace, None, op.excludes,
+                                                                 prepare=op.prepare))]
+        argv = commands.rsync_argv(op.source, f"{TARGET_ALIAS}:{op.workspace}", "ssh -F SSH_CONFIG", op.excludes,
                                    prepare=op.prepare)
         return ["(here) $ " + shlex.join(argv), "    SSH_CONFIG, written for this run:",
                 *("      " + x for x in rsync_ssh_config(cfg).splitlines())]

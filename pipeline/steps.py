@@ -55,6 +55,7 @@ class Rsync:
     workspace: str
     prepare: str | None = None     # a remote shell command run first in rsync's own session (--rsync-path)
     timeout: float = 600
+    excludes: tuple[str, ...] = commands.SYNC_EXCLUDES   # the code tree's own (local.CodeTree.excludes)
 
 
 @dataclass(frozen=True)
@@ -339,8 +340,8 @@ def plan_sync(f: Facts) -> list[Op]:
         # rsync every time (files edited on the host are put back); the tar path's recorded hash is dropped
         prepare = commands.rsync_prepare_command(lay["runtime"], lay["sync_hash"])
         if f.cfg.local:
-            return [Run(prepare, timeout=30), Rsync(str(tree.root), lay["workspace"])]
-        return [Rsync(str(tree.root), lay["workspace"], prepare=prepare)]
+            return [Run(prepare, timeout=30), Rsync(str(tree.root), lay["workspace"], excludes=tree.excludes)]
+        return [Rsync(str(tree.root), lay["workspace"], prepare=prepare, excludes=tree.excludes)]
     if f.probe.get("sync_hash") == tree.content_hash:
         return []
     return [PutTarball(lay["upload"]),

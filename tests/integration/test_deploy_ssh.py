@@ -188,6 +188,40 @@ def test_tar_fallback_when_no_local_rsync(sshd, tmp_path, code_snapshot):
     assert not (ws / ".flashcore" / "sync-hash").exists()      # the tar path's hash no longer vouches for the tree
 
 
+def test_sync_leaves_out_what_the_checkouts_git_ignores(sshd, tmp_path, code_snapshot):
+    """Run from a checkout whose .gitignore ignores a dataset folder and whose .git/info/exclude a carried kit:
+    neither reaches the host, by rsync or as the tarball (no rsync here); an untracked file git does not ignore
+    does, and the content hash is the same both ways."""
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(code_snapshot, checkout)
+    for rel in ("datasets/shard0.bin", "kits/cuda-kit/tool.sh", "notes.txt"):
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / rel).write_text(rel)
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    with open(checkout / ".gitignore", "a") as f:
+        f.write("datasets/\n")
+    (checkout / ".git" / "info" / "exclude").write_text("/kits/\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("git", "sh"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    hashes = set()
+    for method, env in (("rsync", None), ("tar", {"PATH": str(bin_dir)})):
+        ws = tmp_path / f"ws-{method}"
+        run = deploy(sshd.base_args() + CPU + ["--workspace", str(ws), "--skip", "install", "--skip", "suite"],
+                     tmp_path / f"r-{method}", env=env, cwd=checkout)
+        assert run.code == 0, run.out
+        sync = run.report()["sync"]
+        assert sync["method"] == method and (ws / "notes.txt").read_text() == "notes.txt"
+        assert (ws / "pipeline" / "steps.py").is_file() and (ws / ".gitignore").is_file()
+        assert not (ws / "datasets").exists() and not (ws / "kits").exists()
+        hashes.add(sync["content_hash"])
+    assert len(hashes) == 1
+
+
 def test_interrupt_kills_the_remote_suite_exit_130(sshd, tmp_path):
     """Ctrl-C mid-suite: the suite's process group is killed over a new channel, the report says interrupted."""
     import signal

@@ -6,7 +6,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from pipeline import local, parse
+from pipeline import commands, local, parse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,3 +96,30 @@ def test_git_revision_is_the_checkouts_own_never_an_outer_repositorys(tmp_path):
     assert len(inner) == 12 and inner != local.git_revision(outer)       # its own repository: its own commit
     (nested / "x.py").write_text("x = 2\n")
     assert local.git_revision(nested) == inner + "+dirty"
+
+
+def test_what_git_ignores_is_not_synced_and_rsync_sends_the_same_files(tmp_path):
+    """A checkout whose .gitignore and .git/info/exclude ignore data, wheels, a kit and logs (names with spaces
+    and wildcard characters too): the tree leaves them out, keeps an untracked file git does not ignore, and a
+    real rsync given the tree's patterns sends exactly the tree's files. Without a .git: today's fixed list."""
+    import subprocess
+
+    root = tmp_path / "src"
+    kept = {"flashcore/a.py", "notes.txt", ".gitignore", "odd [v1]*?.py", "dir with space/keep.py", "back\\slash.py"}
+    ignored = {"datasets/big.bin", "datasets/sub/more.bin", "wheels/x.whl", "kit/tool", "run.log",
+               "odd [v1]*?.log", "dir with space/b.log", "back\\slash*.log", "deep/er/run.log"}
+    for rel in kept | ignored:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    (root / ".gitignore").write_text("datasets/\n*.log\n/wheels/\n")
+    assert local.collect_tree(root).files == tuple(sorted(kept | ignored))        # not a checkout: all of it
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / ".git" / "info" / "exclude").write_text("/kit/\n")
+    tree = local.collect_tree(root)
+    assert tree.files == tuple(sorted(kept))
+    assert {"/datasets/", "/wheels/", "/kit/", "/run.log"} <= set(tree.excludes)
+    dest = tmp_path / "dest"
+    argv = commands.rsync_argv(str(root), str(dest), None, tree.excludes)
+    subprocess.run(argv, check=True, capture_output=True)
+    sent = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert sent == sorted(kept)
