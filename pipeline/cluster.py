@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline import local, report, slurm, summary
 from pipeline.errors import (ConnectError, Interrupted, InventoryError, ParityFailure, PipelineError, StepError,
-                             UnreachableError, overall_exit_code, signal_name)
+                             overall_exit_code, signal_name)
 from pipeline.inventory import Inventory, format_validation, load_inventory
 from pipeline.remote import Cancel, Remote
 from pipeline.results import HostRunResult, StepResult
@@ -166,27 +166,20 @@ def plan_array(c: Cluster, suite_command: str | None, done: list[ArrayDone], f: 
 class LoginShell:
     """How the Slurm commands reach the login node: through the run's connection, with a Cancel of their own
     (scancel, the settling polls and the collection must run after the run's Cancel is set; each is short and has
-    its timeout), and a dropped connection is an error: Fabric would silently open a new one, but the workspace
-    lock's holder went with the old one (and, on its way out, removed the token the tasks read)."""
+    its timeout). After a dropped connection they raise, as every command does (pipeline.ssh.SSHRemote)."""
 
     def __init__(self, remote: Remote):
         self.remote = remote
 
-    def _checked(self) -> Remote:
-        if not self.remote.alive():
-            raise UnreachableError(f"{self.remote.label}: the SSH connection dropped")
-        return self.remote
-
     def run(self, command: str, *, timeout: float):
-        remote = self._checked()
-        saved, remote.cancel = remote.cancel, Cancel()
+        saved, self.remote.cancel = self.remote.cancel, Cancel()
         try:
-            return remote.run(command, timeout=timeout)
+            return self.remote.run(command, timeout=timeout)
         finally:
-            remote.cancel = saved
+            self.remote.cancel = saved
 
     def get(self, remote_path: str, local_path: str) -> bool:
-        return self._checked().get(remote_path, local_path)
+        return self.remote.get(remote_path, local_path)
 
 
 def drive_array(cfg: slurm.SlurmConfig, script: str, done: list[ArrayDone], label: str, *, remote: Remote,

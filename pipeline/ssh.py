@@ -17,8 +17,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
+from fabric import Connection
 from fabric.runners import Remote as FabricRemote
 from paramiko import MissingHostKeyPolicy
 
@@ -106,9 +108,23 @@ def map_exception(e: BaseException, where: str, cfg: HostConfig, known: KnownHos
     return UnreachableError(f"{where}: {type(e).__name__}: {e}")
 
 
+class _OpenedOnce(Connection):
+    """Fabric's Connection, opened once. Fabric calls `open()` before every command and SFTP session and, when the
+    transport has died, silently connects again: the next command would run on a new connection after the host's
+    lock holder, seeing the old one close, removed the token, killed the run's process groups and released the
+    lock. So once the connection has dropped, `open()` raises; only the runner's cleanup connects again, on purpose
+    and once (`SSHRemote.reconnect`: a new Connection)."""
+
+    def open(self):
+        if self.transport is not None and not self.transport.active:
+            raise UnreachableError(f"{self.user}@{self.host}:{self.port}: the SSH connection dropped (not "
+                                   "reopened: the host's lock holder has cleaned up after it)")
+        return super().open()
+
+
 def _connection(address: str, port: int, user: str, identities: tuple[str, ...], cfg: HostConfig,
                 known: KnownHosts, gateway=None):
-    from fabric import Config, Connection
+    from fabric import Config
     from paramiko import SSHClient, SSHConfig
 
     client = SSHClient()
@@ -119,8 +135,8 @@ def _connection(address: str, port: int, user: str, identities: tuple[str, ...],
     if identities:
         kwargs["key_filename"] = list(identities)
     # settings.py has applied ssh_config already: Fabric must not read it again (an empty SSHConfig says so)
-    conn = Connection(host=address, user=user, port=port, connect_timeout=cfg.connect_timeout,
-                      connect_kwargs=kwargs, gateway=gateway, config=Config(ssh_config=SSHConfig(), lazy=True))
+    conn = _OpenedOnce(host=address, user=user, port=port, connect_timeout=cfg.connect_timeout,
+                       connect_kwargs=kwargs, gateway=gateway, config=Config(ssh_config=SSHConfig(), lazy=True))
     conn.client = client  # our host-key policy instead of Fabric's AutoAddPolicy
     return conn
 
@@ -220,7 +236,9 @@ class _SSHRunner(FeedStdinAtOnce, FabricRemote):
 
 class SSHRemote(Remote):
     """A host over SSH: commands through Fabric's Remote runner, files over SFTP or, on a host without an SFTP
-    subsystem, over the exec channel (`cat` in, base64 out: what Ansible does there)."""
+    subsystem, over the exec channel (`cat` in, base64 out: what Ansible does there). One connection for the whole
+    run: once it drops, every command and transfer raises UnreachableError (never a silent new connection:
+    `_OpenedOnce`); the runner's cleanup then reconnects once, for the cleanup alone."""
 
     def __init__(self, cfg: HostConfig, cancel: Cancel | None = None, say: Callable[[str], None] | None = None):
         super().__init__(cancel)
@@ -236,12 +254,23 @@ class SSHRemote(Remote):
         t = self.conn.transport
         return t is not None and t.is_active()
 
-    def _start(self, command, **kw):
+    @contextmanager
+    def _dropped_as_unreachable(self, always: bool = False):
+        """What paramiko raises when the connection is gone (or, `always`, any of its failures here), and
+        `_OpenedOnce`'s refusal, as this host's UnreachableError."""
         from paramiko.ssh_exception import SSHException
         try:
-            return super()._start(command, **kw)
+            yield
+        except UnreachableError:
+            raise self._lost("the SSH connection dropped") from None
         except (SSHException, EOFError, OSError) as e:
+            if not always and self.alive():
+                raise
             raise self._lost(f"the SSH connection dropped ({type(e).__name__}: {e})") from None
+
+    def _start(self, command, **kw):
+        with self._dropped_as_unreachable(always=True):
+            return super()._start(command, **kw)
 
     def _sftp(self):
         if self._sftp_ok is False:
@@ -262,7 +291,8 @@ class SSHRemote(Remote):
         sftp = self._sftp()
         if sftp is None:
             return super().put(local_path, remote_path)
-        sftp.put(local_path, remote_path)
+        with self._dropped_as_unreachable():
+            sftp.put(local_path, remote_path)
 
     def get(self, remote_path, local_path):
         sftp = self._sftp()
@@ -270,13 +300,16 @@ class SSHRemote(Remote):
             return super().get(remote_path, local_path)
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            sftp.get(remote_path, local_path)
+            with self._dropped_as_unreachable():
+                sftp.get(remote_path, local_path)
             return True
         except FileNotFoundError:
             Path(local_path).unlink(missing_ok=True)
             return False
 
     def rsync_target(self, workspace):
+        with self._dropped_as_unreachable():
+            self.conn.open()                   # rsync's own ssh must not start after this run's connection dropped
         if self._ssh_dir is None:
             self._ssh_dir = tempfile.mkdtemp(prefix="flashcore-ssh-", dir="/tmp")   # a path without spaces:
             Path(self._ssh_dir, "config").write_text(rsync_ssh_config(self.cfg))   # ssh -J passes it unquoted

@@ -123,6 +123,72 @@ def test_dropped_connection_reconnects_once_to_clean_up(sshd, hub, tmp_path):
     assert "Traceback" not in res.err and res.err.count("\n") == 1
 
 
+def test_after_a_drop_no_command_or_transfer_opens_a_new_connection(sshd, tmp_path):
+    """The run's one connection drops (its sshd processes killed; sshd itself still accepts): every later command,
+    transfer and rsync of that run fails as UNREACHABLE instead of Fabric silently connecting again (the host's
+    lock holder has cleaned up by then); nothing reaches the host until the cleanup reconnects, on purpose, once."""
+    from pipeline.errors import UnreachableError
+    from pipeline.settings import Flags, resolve
+    from pipeline.ssh import SSHRemote
+
+    (cfg,) = resolve(Flags(host="127.0.0.1", port=sshd.port, user=os.environ.get("USER") or "root",
+                           identity=str(sshd.client_key), known_hosts=str(sshd.known_hosts), ssh_config="none"), REPO)
+    remote = SSHRemote(cfg)
+    try:
+        assert remote.run("echo before-the-drop", timeout=10).stdout.strip() == "before-the-drop"
+        assert remote.get(str(sshd.known_hosts), str(tmp_path / "k"))           # SFTP opened before the drop
+        logins = sshd.log.read_text().count("Accepted publickey")
+        kill_sshd(sshd.dir)
+        deadline = time.monotonic() + 10
+        while remote.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        attempts = {"run": lambda: remote.run("echo after-the-drop", timeout=10),
+                    "get": lambda: remote.get(str(sshd.known_hosts), str(tmp_path / "k2")),
+                    "put": lambda: remote.put(str(sshd.known_hosts), str(tmp_path / "put")),
+                    "rsync": lambda: remote.rsync_target(str(tmp_path / "ws"))}
+        for what, attempt in attempts.items():
+            with pytest.raises(UnreachableError, match="connection dropped"):
+                attempt()
+        assert sshd.log.read_text().count("Accepted publickey") == logins, "a new connection was opened"
+        assert "after-the-drop" not in sshd.commands.read_text() and not (tmp_path / "put").exists()
+        fresh = remote.reconnect()                                               # the cleanup's way back
+        try:
+            assert fresh.run("echo cleanup", timeout=10).stdout.strip() == "cleanup"
+        finally:
+            fresh.close()
+    finally:
+        remote.close()
+
+
+def test_a_drop_between_steps_fails_the_next_one_instead_of_running_it_on_a_new_connection(sshd, tmp_path):
+    """The connection drops while this machine's rsync is starting (a wrapper that waits 2 s: no command of the
+    run is on the connection then, so nothing notices at once): the next step that needs the host fails as
+    UNREACHABLE, its command never reaches the host, the rest are skipped, and only the cleanup reconnects."""
+    import shutil
+
+    started = tmp_path / "rsync-started"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "rsync").write_text(f'#!/bin/sh\ntouch {started}\nsleep 2\nexec {shutil.which("rsync")} "$@"\n')
+    (bin_dir / "rsync").chmod(0o755)
+    run = Background(_args(sshd, tmp_path / "ws", "--skip", "install", "--suite-command", "echo the-suite-ran"),
+                     tmp_path / "r", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    deadline = time.monotonic() + 60
+    while not started.exists() and run.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    before = sshd.commands.stat().st_size
+    kill_sshd(sshd.dir)
+    res = run.finish()
+    assert res.code == 3, res.out
+    doc = _report(tmp_path / "r")
+    status = {s["name"]: s["status"] for s in doc["steps"]}
+    failed = next(s for s in doc["steps"] if s["status"] == "failed")
+    assert doc["verdict"] == "UNREACHABLE" and status["sync"] == "ok" and failed["name"] in ("token", "suite")
+    assert "connection dropped" in failed["detail"] and "connection dropped" in doc["error"]
+    assert "reconnecting once to clean up" in res.out
+    assert "the-suite-ran" not in sshd.commands.read_text()[before:]
+
+
 def test_dropped_connection_without_a_way_back_names_what_is_left(tmp_path, hub):
     """The host's sshd dies entirely (no reconnect): the output and the report say exactly what may be left; the
     lock holder on the host, seeing its connection close, kills the group and removes the token itself."""
