@@ -291,15 +291,9 @@ def run_cluster(c: Cluster, opts: RunOptions) -> ClusterOutcome:
     done: list[ArrayDone] = []
     login = run_host(c.login, replace(opts, steps=cluster_steps(c, opts.suite_command, done)))
     tasks = write_task_reports(done[0], login, c.name, opts) if done else {}
-    fleet = summary.finish_fleet(_with_report_paths(list(tasks.values()) or [login], Path(opts.report_dir)),
-                                 opts.report_dir, target=c.name, started_at=login.started_at, environ=opts.environ)
+    fleet = summary.finish_fleet(list(tasks.values()) or [login], opts.report_dir, target=c.name,
+                                 started_at=login.started_at, environ=opts.environ)
     return ClusterOutcome(overall_exit_code([login.exit_code, fleet.exit_code]), login, tasks, fleet.paths)
-
-
-def _with_report_paths(results: list[HostRunResult], report_dir: Path) -> list[HostRunResult]:
-    """Copies whose report_md is the report's path (what finish_fleet links), not its name in the folder."""
-    return [replace(r, artifacts={**r.artifacts, "report_md": str(report_dir / r.artifacts["report_md"])})
-            if r.artifacts.get("report_md") else r for r in results]
 
 
 def write_task_reports(done: ArrayDone, login: HostRunResult, name: str,

@@ -52,7 +52,8 @@ class GpuResult:
     metrics: dict[str, float] = field(default_factory=dict)
     scenarios: dict[str, bool] = field(default_factory=dict)   # scenario name -> passed
     versions: dict[str, str] = field(default_factory=dict)     # ENV_KEYS + CODE_KEY + revision
-    report: str = ""                # the host report (Markdown) this GPU's result is in
+    report: str = ""                # the host report (Markdown) this GPU's result is in, relative to the report
+                                    # folder (its `artifacts["report_md"]`: where the summary is too)
     note: str = ""
 
     @property

@@ -85,10 +85,15 @@ def _gpu_cell(r: GpuResult) -> str:
 
 
 def _report_link(report: str, report_dir: Path) -> str:
+    """The host report as a link from the summary, which sits in the report folder too: a report named relative to
+    that folder (what report.write records in `artifacts["report_md"]`, whatever the working directory) is the
+    link itself; an absolute path is made relative to the folder."""
     if not report:
         return ""
+    if not Path(report).is_absolute():
+        return Path(report).as_posix()
     try:
-        return Path(os.path.relpath(report, report_dir)).as_posix()
+        return Path(os.path.relpath(report, Path(report_dir).resolve())).as_posix()
     except ValueError:   # another drive (Windows): keep the path as it is
         return report
 
@@ -253,12 +258,15 @@ class Judge:
             self._judged[id(result)] = (result, _Judged(records, pasts, assessments))
 
     def of(self, result: HostRunResult) -> _Judged:
+        """The judgement of `result` (made now if it was not yet); its records name the report written since."""
         with self._lock:
             found = self._judged.get(id(result))
         if found is None:
             self(result)
             with self._lock:
                 found = self._judged[id(result)]
+        for record in found[1].records:       # judged before its report was written: the report's name is known now
+            record.report = result.artifacts.get("report_md", "")
         return found[1]
 
 

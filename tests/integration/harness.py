@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -252,3 +253,12 @@ def hanging_suite(d: Path) -> tuple[str, Path]:
     script.write_text(f"#!/bin/sh\necho $$ > {pids}\nsleep 300 &\necho $! >> {pids}\necho hanging\nwait\n")
     script.chmod(0o755)
     return str(script), pids
+
+
+def summary_links(report_dir: Path) -> list[Path]:
+    """The host reports a fleet summary (the one summary-*.md in `report_dir`) links to, resolved as a browser or
+    GitHub resolves them: relative to the summary file's own folder, whatever the run's working directory was."""
+    (md,) = report_dir.glob("summary-*.md")
+    links = re.findall(r"\[report\]\(([^)]+)\)", md.read_text())
+    assert links and not any(Path(x).is_absolute() for x in links), links
+    return [md.parent / x for x in links]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import (CODE, GOOD, REPO, REPO_ID, Background, alive, deploy, free_port, kill_sshd,
-                                       start_hub, start_sshd)
+                                       start_hub, start_sshd, summary_links)
 
 pytestmark = pytest.mark.integration
 USER = os.environ.get("USER") or "root"
@@ -163,6 +163,18 @@ def test_broken_hosts_are_named_the_rest_pass_nothing_is_left(sshd, tmp_path):
     rerun = tmp_path / "r" / s["rerun_file"]
     listed = deploy(["--inventory", str(inv), "--target", f"@{rerun}", "--list-hosts"], tmp_path / "r2")
     assert listed.code == 0 and sorted(x.split("\t")[0] for x in listed.out.splitlines()) == sorted(s["rerun"])
+
+
+def test_the_summary_links_each_host_report_from_its_own_folder(sshd, tmp_path):
+    """The report links of summary-*.md open relative to the summary file's folder (reports are named relative to
+    it, and named at all though each host is judged before its report is written), the run started elsewhere."""
+    suite = fake_suite(tmp_path)
+    hosts = {h: on(sshd, tmp_path / f"ws-{h}", env={"FAKE_SUITE": h}) for h in ("pass", "fail")}
+    inv = write_inventory(tmp_path / "inventory.yaml", hosts)
+    run = deploy(["--inventory", str(inv), "--target", "fleet", *NO_SYNC, "--suite-command", suite], tmp_path / "r")
+    assert run.code == 1, run.out
+    heads = sorted(p.read_text().splitlines()[0] for p in summary_links(tmp_path / "r"))
+    assert heads == ["# flashcore validation — fail: FAILED: parity", "# flashcore validation — pass: PASSED"]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

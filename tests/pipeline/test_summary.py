@@ -21,7 +21,7 @@ from pipeline.gpu_result import GpuResult
 from pipeline.regression import Assessment, Finding
 from pipeline.results import GpuInfo, HostRunResult, StepResult, SuiteRun
 from pipeline.inventory import parse_target_file
-from pipeline.summary import finish_fleet, fleet_exit_code, junit_xml, rerun_text, sparkline
+from pipeline.summary import Judge, finish_fleet, fleet_exit_code, junit_xml, rerun_text, sparkline
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_REPORT = ROOT / "docs/reports/127.0.0.1_2222-20261125T131741Z.json"
@@ -96,11 +96,11 @@ def _h100(host: str, day: int, slow: float = 1.0, report_dir: Path | None = None
     for row in r.parity["latency"]["rows"]:
         if row["mode"] == "cuda_graph":
             row["flashcore_ms"] *= slow
-    if report_dir is not None:   # a host report file the summary links to
+    if report_dir is not None:   # a host report file the summary links to, named as report.write names it
         md = report_dir / f"{host}-202612{day:02d}T021700Z.md"
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(f"# flashcore validation — {host}: PASSED\n")
-        r.artifacts["report_md"] = str(md)
+        r.artifacts["report_md"] = md.name
     return r
 
 
@@ -238,3 +238,18 @@ def test_two_summaries_in_one_second_do_not_overwrite(tmp_path):
     a = _night(tmp_path, 1, 1.0, {})
     b = _night(tmp_path, 1, 1.0, {})
     assert a.paths["md"] != b.paths["md"] and b.paths["md"].endswith("-2.md")
+
+
+def test_a_host_judged_before_its_report_was_written_is_linked_to_it(tmp_path):
+    """The runner judges a host before writing its report (the regressions go to its top), so the report's name
+    is not known at the judgement: the summary still links it, relative to its own folder."""
+    reports = tmp_path / "reports"
+    host = _two_gpu_failing(1, reports)
+    name = host.artifacts.pop("report_md")
+    judge = Judge(reports / "history.sqlite")
+    judge(host)
+    host.artifacts["report_md"] = name                         # report.write names it afterwards
+    out = finish_fleet([host], reports, judge=judge, target="nightly")
+    assert [row["report_link"] for row in out.doc["rows"]] == [name, name]
+    assert f"[report]({name})" in Path(out.paths["md"]).read_text()
+
