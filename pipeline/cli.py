@@ -260,7 +260,8 @@ def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConf
                           reproduce=reproduce(cfg), code_root=code_root)
 
     many = is_fleet(flags, hosts)
-    fo = fleet.FleetOptions(report_dir=flags.report_dir, history=history, parallel=flags.parallel,
+    fo = fleet.FleetOptions(report_dir=flags.report_dir, history=history,
+                            parallel=flags.parallel or DEFAULT_PARALLEL,
                             target=flags.target or ",".join(h.name for h in hosts), summary=many)
     view = fleet.LiveView([h.name or h.label for h in hosts]) if many and sys.stdout.isatty() else fleet.PlainView()
     lock = inventory_lock(flags.inventory) if many and flags.inventory else nullcontext()
@@ -311,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
     """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
-    job array through its login node: a line per task as SSH hosts get, the summary, the exit code."""
+    job array through its login node, as a fleet runs: the history checked up front (--history, the inventory's
+    `history:`, else REPORT_DIR/history.sqlite), the inventory's lock held, a line per task, the summary, the exit
+    code."""
     from dataclasses import replace
 
     from pipeline import cluster
+    from pipeline.fleet import finished_lines
     from pipeline.runner import RunOptions
     opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
                       template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
@@ -324,13 +328,15 @@ def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
             _say(line)
         return errors.EXIT_OK
     check_output(flags)
-    with signals_cancel(_err) as cancel:
-        out = cluster.run_cluster(target, replace(opts, cancel=cancel))
+    history = history_path(flags)
+    check_history(history)
+    with inventory_lock(target.inventory), signals_cancel(_err) as cancel:
+        out = cluster.run_cluster(target, replace(opts, cancel=cancel), history)
     for label, res in [("login node", out.login), *out.tasks.items()]:
-        _say(f"{res.verdict}: {target.name} {label} (exit {res.exit_code}) report "
-             f"{Path(flags.report_dir) / res.artifacts.get('report_md', '-')}")
-        if res.exit_code:
-            _err(f"flashcore-deploy: {target.name} {label}: {res.verdict}: {res.error}")
+        line, err = finished_lines(res, flags.report_dir, f"{target.name} {label}")
+        _say(line)
+        if err:
+            _err(err)
     _say(f"summary: {out.summary['md']} (exit {out.exit_code})")
     return errors.overall_exit_code([out.exit_code] + ([128 + cancel.signum] if cancel.is_set() else []))
 

@@ -35,12 +35,14 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline import local, report, slurm, summary
 from pipeline.errors import (ConnectError, Interrupted, InventoryError, ParityFailure, PipelineError, StepError,
-                             overall_exit_code, signal_name)
+                             UsageError, overall_exit_code, signal_name)
+from pipeline.history import default_path
 from pipeline.inventory import Inventory, format_validation, load_inventory
 from pipeline.remote import Cancel, Remote
 from pipeline.results import HostRunResult, StepResult
 from pipeline.runner import RunOptions, plan_lines as _plan_lines, reserve_stem, run_host
-from pipeline.settings import Flags, HostConfig, check_flags, check_model, preset_names, resolve as resolve_hosts
+from pipeline.settings import (Flags, HostConfig, check_flags, check_model, preset_names, resolve as resolve_hosts,
+                               take_inventory_history, target_names)
 from pipeline.steps import STEPS, Call, Facts, Outcome, Step, is_hub_model
 
 TASK_FILES = ("parity.json", "junit.xml", "suite.log", "facts.json")
@@ -52,6 +54,15 @@ class Cluster:
     name: str
     slurm: slurm.SlurmConfig     # the inventory entry with the flags applied (workspace as given: ~ is the login's)
     login: HostConfig            # the login node (local=True: this machine)
+    inventory: str = "inventory.yaml"    # the file it came from (its lock is held while the array runs)
+
+
+# Fleet flags that say nothing to a job array: refused rather than silently ignored.
+FLEET_ONLY_FLAGS = {
+    "parallel": "--parallel: Slurm runs the tasks (the entry's max_parallel: throttles the array)",
+    "gpus": "--gpus: each task gets one GPU from Slurm (the entry's gpus: says how many tasks)",
+    "host_timeout": "--host-timeout: the array's wall limit is --timeout (the entry's wall_s:)",
+}
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -75,18 +86,29 @@ def check_clusters(inv: Inventory, path: str, presets: tuple[str, ...] = ()) -> 
 
 
 def resolve(flags: Flags, code_root: Path) -> Cluster | None:
-    """The cluster an inventory target names, every input checked; None when the target is not a cluster (then
-    settings.resolve takes the flags). `--local`: the login node is this machine, whatever the entry's `login`."""
+    """The cluster an inventory target names (or the one name a `--target @FILE` lists: a summary's rerun file),
+    every input checked; None when the target is not a cluster (then settings.resolve takes the flags). `--local`:
+    the login node is this machine, whatever the entry's `login`. The inventory's `history:` goes into the flags
+    as for hosts."""
     if flags.host is not None or not (flags.inventory or flags.target):
         return None
     path = flags.inventory or "inventory.yaml"
     inv = load_inventory(path)
     presets = preset_names(code_root)
     entries = check_clusters(inv, path, presets)
-    name = flags.target or inv.default_target
-    if name not in entries:
+    names = target_names(flags.target) if flags.target else [inv.default_target]
+    name = next((n for n in names if n in entries), None)
+    if name is None:
         return None
+    if len(names) > 1:
+        others = ", ".join(n for n in names if n != name)
+        raise UsageError(f"--target {flags.target}: the Slurm cluster {name} is validated alone (one job array), "
+                         f"not together with {others}")
+    for key, why in FLEET_ONLY_FLAGS.items():
+        if getattr(flags, key) is not None:
+            raise UsageError(f"{why}; it does not apply to the Slurm cluster {name}")
     check_flags(replace(flags, local=False))
+    take_inventory_history(flags, inv)
     if flags.model:
         check_model(flags.model, presets)
     over = {"model": flags.model, "workspace": flags.workspace, "python": flags.python, "gpu": flags.require_gpu,
@@ -94,7 +116,7 @@ def resolve(flags: Flags, code_root: Path) -> Cluster | None:
     cfg = entries[name].model_copy(update={k: v for k, v in over.items() if v is not None})
     if flags.local:
         cfg = cfg.model_copy(update={"login": None})
-    return Cluster(name, cfg, _login(name, cfg, flags, inv, path, code_root))
+    return Cluster(name, cfg, _login(name, cfg, flags, inv, path, code_root), path)
 
 
 def _login(name: str, cfg: slurm.SlurmConfig, flags: Flags, inv: Inventory, path: str, code_root: Path) -> HostConfig:
@@ -285,22 +307,26 @@ def plan_lines(c: Cluster, opts: RunOptions) -> list[str]:
     return _plan_lines(c.login, replace(opts, steps=cluster_steps(c, opts.suite_command, [])))
 
 
-def run_cluster(c: Cluster, opts: RunOptions) -> ClusterOutcome:
-    """The login node through the runner (the array as its suite step), then one report per task and the fleet
-    summary (JUnit, history). Exit code: the worst of the login node's run and the fleet's (an interruption wins)."""
+def run_cluster(c: Cluster, opts: RunOptions, history: Path | None = None) -> ClusterOutcome:
+    """The login node through the runner (the array as its suite step), then one report per task, each judged
+    against the history (`history`, default REPORT_DIR/history.sqlite) before it is written, as an SSH fleet's
+    hosts are, and the fleet summary (JUnit, the history recorded, a rerun file naming the cluster). Exit code: the
+    worst of the login node's run and the fleet's (a confirmed regression at least 1; an interruption wins)."""
+    judge = summary.Judge(history or default_path(opts.report_dir))
+    opts = replace(opts, judge=judge)
     done: list[ArrayDone] = []
     login = run_host(c.login, replace(opts, steps=cluster_steps(c, opts.suite_command, done)))
     tasks = write_task_reports(done[0], login, c.name, opts) if done else {}
-    fleet = summary.finish_fleet(list(tasks.values()) or [login], opts.report_dir, target=c.name,
-                                 started_at=login.started_at, environ=opts.environ)
+    fleet = summary.finish_fleet(list(tasks.values()) or [login], opts.report_dir, judge=judge, target=c.name,
+                                 rerun_target=c.name, started_at=login.started_at, environ=opts.environ)
     return ClusterOutcome(overall_exit_code([login.exit_code, fleet.exit_code]), login, tasks, fleet.paths)
 
 
 def write_task_reports(done: ArrayDone, login: HostRunResult, name: str,
                        opts: RunOptions) -> dict[str, HostRunResult]:
     """Each task's report beside the login node's: REPORT_DIR/<cluster>-<job>_<task>-<UTC>.md + .json, with the
-    versions and code the login node installed, and links to the task's files fetched into the login report's
-    folder."""
+    versions and code the login node installed, links to the task's files fetched into the login report's
+    folder, and `opts.judge`'s regressions at its top."""
     report_dir = Path(opts.report_dir)
     started = datetime.fromisoformat(login.started_at)
     token, _ = local.hf_token(opts.environ)
@@ -311,6 +337,11 @@ def write_task_reports(done: ArrayDone, login: HostRunResult, name: str,
         res.notes.append(f"Prepared once on the login node for every task (sync, install, token): "
                          f"{login.artifacts.get('report_md', '-')}.")
         res.artifacts = _task_artifacts(Path(rec.task_dir), report_dir, done.run.job_dir, rec.task_id)
+        if opts.judge is not None:
+            try:
+                opts.judge(res)
+            except Exception as e:  # noqa: BLE001 - as in the runner: noted in the report, never lost
+                res.notes.append(f"the history's judgement failed unexpectedly ({type(e).__name__}: {e})")
         stem = reserve_stem(report_dir, f"{name}-{done.run.job_id}_{rec.task_id}", started)
         report.write(res, report_dir, stem, opts.template, [token] if token else [])
     return {f"{done.run.job_id}_{rec.task_id}" + (f" on {rec.node}" if rec.node else ""): res

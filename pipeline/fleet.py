@@ -288,16 +288,22 @@ def run_fleet(hosts: Sequence[HostConfig], make_opts: Callable[[HostConfig], Run
     return results, outcome
 
 
-def _finished(view: PlainView, res: HostRunResult, report_dir: str) -> None:
-    """One line per host as it ends (stdout), and one on stderr when it failed: `flashcore-deploy: HOST: VERDICT:
-    why`."""
+def finished_lines(res: HostRunResult, report_dir: str, name: str = "") -> tuple[str, str]:
+    """(the line for stdout as a host ends, the one for stderr when it failed or regressed, else ''):
+    `VERDICT: NAME (exit N) report PATH` and `flashcore-deploy: NAME: VERDICT: why`. `name`: default the host."""
+    name = name or res.host
     report = Path(report_dir) / res.artifacts["report_md"] if res.artifacts.get("report_md") else "-"
     regressed = f", {len(res.regressions)} regression(s)" if res.regressions else ""
-    view.note(f"{res.verdict}: {res.host} (exit {res.exit_code}{regressed}) report {report}")
-    if res.exit_code:
-        view.error(f"flashcore-deploy: {res.host}: {res.verdict}: {res.error}")
-    elif res.regressions:
-        view.error(f"flashcore-deploy: {res.host}: REGRESSION: {res.regressions[0]}")
+    err = (f"flashcore-deploy: {name}: {res.verdict}: {res.error}" if res.exit_code else
+           f"flashcore-deploy: {name}: REGRESSION: {res.regressions[0]}" if res.regressions else "")
+    return f"{res.verdict}: {name} (exit {res.exit_code}{regressed}) report {report}", err
+
+
+def _finished(view: PlainView, res: HostRunResult, report_dir: str) -> None:
+    out, err = finished_lines(res, report_dir)
+    view.note(out)
+    if err:
+        view.error(err)
 
 
 def fleet_exit_code(outcome: FleetOutcome, cancel: Cancel) -> int:

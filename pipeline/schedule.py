@@ -37,7 +37,7 @@ class Recipe:
     repo: str                       # the checkout the schedule runs from (absolute)
     inventory: str = "inventory.yaml"
     target: str = "nightly"
-    parallel: int = 8
+    parallel: int | None = None     # --parallel for the run (None: the CLI's default; a Slurm cluster takes none)
     hour: int = 2
     minute: int = 17
     report_dir: str = "reports"
@@ -50,7 +50,8 @@ class Recipe:
         return str(Path(self.repo) / ".venv" / "bin" / "flashcore-deploy")
 
     def deploy_args(self) -> list[str]:
-        return ["--inventory", self.inventory, "--target", self.target, "--parallel", str(self.parallel)]
+        return ["--inventory", self.inventory, "--target", self.target,
+                *(["--parallel", str(self.parallel)] if self.parallel is not None else [])]
 
 
 def parse_time(text: str) -> tuple[int, int]:
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit", required=True, choices=sorted(EMITTERS), help="cron, systemd or github")
     p.add_argument("--inventory", default="inventory.yaml", metavar="FILE", help="default inventory.yaml")
     p.add_argument("--target", default="nightly", metavar="GROUP", help="host, group or all (default nightly)")
-    p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at once (default 8)")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="hosts at once (default: the run's own, 8; not for a Slurm cluster)")
     p.add_argument("--at", default="02:17", metavar="HH:MM",
                    help="time of day (default 02:17; cron/systemd: the machine's local time, github: UTC)")
     p.add_argument("--repo", metavar="DIR", help="the checkout to run from (default: the current directory)")
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_from_args(a: argparse.Namespace) -> Recipe:
-    if a.parallel < 1:
+    if a.parallel is not None and a.parallel < 1:
         raise UsageError("--parallel must be at least 1")
     hour, minute = parse_time(a.at)
     repo = Path(a.repo or os.getcwd()).expanduser().resolve()

@@ -108,7 +108,7 @@ class Flags:
     lock_timeout: float | None = None
     host_timeout: float | None = None
     gpus: tuple[int, ...] | None = None
-    parallel: int = DEFAULT_PARALLEL    # hosts validated at once
+    parallel: int | None = None         # hosts validated at once (None: DEFAULT_PARALLEL)
     history: str | None = None          # the history file (None: the inventory's history:, else beside the reports)
     report_dir: str = "reports"
     template: str | None = None
@@ -456,6 +456,12 @@ def layered(f: Flags, inv: Inventory | None, ssh_config, presets: tuple[str, ...
     return out
 
 
+def take_inventory_history(f: Flags, inv: Inventory) -> None:
+    """The inventory's `history:` becomes the run's history file unless --history names one (cli.history_path)."""
+    if inv.history and not f.history:
+        f.history = inv.history
+
+
 def resolve(f: Flags, code_root: Path, base: dict[str, Any] | None = None) -> list[HostConfig]:
     """Every target host's HostConfig, or a UsageError: the flags checked, the inventory, ssh_config, key and
     known_hosts files read and checked; nothing connects. `base`: a layer that stands in for ssh_config (fab's
@@ -468,8 +474,8 @@ def resolve(f: Flags, code_root: Path, base: dict[str, Any] | None = None) -> li
     if remote and f.host is None and not f.inventory:
         f.inventory = "inventory.yaml"
     inv = load_inventory(f.inventory) if remote and f.host is None else None
-    if inv is not None and inv.history and not f.history:
-        f.history = inv.history
+    if inv is not None:
+        take_inventory_history(f, inv)
     ssh_config = load_ssh_config(f.ssh_config) if remote and base is None else None
     hosts = layered(f, inv, ssh_config, presets, base)
     for cfg, where in hosts:

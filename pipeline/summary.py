@@ -72,9 +72,9 @@ def rerun_hosts(results: Sequence[GpuResult]) -> list[str]:
     return list(dict.fromkeys(r.host for r in results if r.ran and not r.passed))
 
 
-def rerun_text(hosts: Sequence[str], stem: str) -> str:
-    return f"# hosts that did not pass in {stem}; run them again with --target @<this file>\n" + \
-        "".join(f"{h}\n" for h in hosts)
+def rerun_text(targets: Sequence[str], stem: str) -> str:
+    return f"# the targets that did not pass in {stem}; run them again with --target @<this file>\n" + \
+        "".join(f"{t}\n" for t in targets)
 
 
 def _gpu_cell(r: GpuResult) -> str:
@@ -114,14 +114,17 @@ def _row(r: GpuResult, a: Assessment, past: Sequence[GpuResult], report_dir: Pat
 def build_summary(results: Sequence[GpuResult], assessments: Sequence[Assessment],
                   pasts: Sequence[Sequence[GpuResult]], shifts: Sequence[FleetShift], *, report_dir: Path,
                   stem: str, started_at: str, finished_at: str, target: str, history: str,
-                  host_codes: Sequence[int] = ()) -> dict[str, Any]:
-    """The summary document (pure): what the Markdown, the JSON and the JUnit XML are made from."""
+                  host_codes: Sequence[int] = (), rerun_target: str = "") -> dict[str, Any]:
+    """The summary document (pure): what the Markdown, the JSON and the JUnit XML are made from. `rerun`: what
+    `--target @<rerun file>` runs again: the hosts that did not pass, or `rerun_target` when any did not (a Slurm
+    cluster: its name; its nodes are not targets)."""
     rows = [_row(r, a, p, report_dir) for r, a, p in zip(results, assessments, pasts, strict=True)]
     ran = [r for r in results if r.ran]
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     rerun = rerun_hosts(results)
+    rerun = [rerun_target] if rerun and rerun_target else rerun
     return {
         "schema": SUMMARY_SCHEMA, "stem": stem, "target": target, "started_at": started_at,
         "finished_at": finished_at, "exit_code": fleet_exit_code(results, assessments, host_codes),
@@ -273,10 +276,11 @@ class Judge:
 def finish_fleet(host_results: Sequence[HostRunResult], report_dir: str | Path, *, history: str | Path | None = None,
                  target: str = "", started_at: str = "", environ: Mapping[str, str] | None = None,
                  template: str | Path | None = None, judge: Judge | None = None,
-                 summary: bool = True) -> FleetOutcome:
+                 summary: bool = True, rerun_target: str = "") -> FleetOutcome:
     """After the hosts: judge every GPU not judged yet against the history, find fleet-wide shifts, record the
     run, write the summary files (unless `summary=False`: one host's run, history only). `history`: the store's
-    path (default REPORT_DIR/history.sqlite); `judge`: the one the hosts' runs were judged by."""
+    path (default REPORT_DIR/history.sqlite); `judge`: the one the hosts' runs were judged by; `rerun_target`:
+    the target the rerun file names instead of the hosts (build_summary)."""
     report_dir = Path(report_dir)
     now = datetime.now(timezone.utc)
     started = datetime.fromisoformat(started_at) if started_at else now
@@ -290,7 +294,8 @@ def finish_fleet(host_results: Sequence[HostRunResult], report_dir: str | Path, 
     with HistoryStore(judge.path) as store:
         doc = build_summary(results, assessments, pasts, shifts, report_dir=report_dir, stem=stem,
                             started_at=started.isoformat(), finished_at=now.isoformat(), target=target,
-                            history=str(store.path), host_codes=[h.exit_code for h in host_results])
+                            history=str(store.path), host_codes=[h.exit_code for h in host_results],
+                            rerun_target=rerun_target)
         store.record_run(results, started_at=started.isoformat(), finished_at=now.isoformat(), target=target,
                          summary=f"{stem}.md" if summary else "", exit_code=doc["exit_code"])
     paths = write_summary(doc, report_dir, environ, template) if summary else {}

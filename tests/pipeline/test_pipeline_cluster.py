@@ -110,6 +110,39 @@ def test_local_is_refused_for_a_target_that_is_not_a_cluster(inv, capsys):
     assert "choose one of --host, --inventory/--target, --local" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--parallel", "4"), ("--gpus", "0,1"), ("--host-timeout", "60")])
+def test_fleet_flags_are_refused_for_a_cluster_not_ignored(inv, capsys, flag, value):
+    assert cli.main(["--inventory", str(inv), "--target", "lab", flag, value, "--list-hosts"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {flag}: " in err and "does not apply to the Slurm cluster lab" in err
+    assert cli.main(["--inventory", str(inv), "--target", "login1", flag, value, "--list-hosts"]) == 0   # a host
+
+
+def test_a_rerun_file_naming_the_cluster_selects_it_and_no_more(inv, tmp_path, capsys):
+    rerun = tmp_path / "summary-x.rerun.txt"
+    rerun.write_text("# the targets that did not pass in summary-x\nlab\n")
+    assert cli.main(["--inventory", str(inv), "--target", f"@{rerun}", "--list-hosts"]) == 0
+    assert capsys.readouterr().out.startswith("lab\tSlurm via alice@10.0.0.5:2222")
+    rerun.write_text("lab\nlogin1\n")
+    assert cli.main(["--inventory", str(inv), "--target", f"@{rerun}", "--list-hosts"]) == 2
+    assert "the Slurm cluster lab is validated alone (one job array), not together with login1" in \
+        capsys.readouterr().err
+
+
+def test_the_history_is_the_flags_else_the_inventorys_as_for_hosts(inv):
+    with_history = inv.with_name("with-history.yaml")
+    with_history.write_text(inv.read_text() + "history: /var/lib/flashcore/h.sqlite\n")
+    flags = cli.make_flags(inventory=str(with_history), target="lab")
+    cluster.resolve(flags, REPO)
+    assert cli.history_path(flags) == Path("/var/lib/flashcore/h.sqlite")
+    flags = cli.make_flags(inventory=str(with_history), target="lab", history="/tmp/mine.sqlite")
+    cluster.resolve(flags, REPO)
+    assert cli.history_path(flags) == Path("/tmp/mine.sqlite")
+    flags = cli.make_flags(inventory=str(inv), target="lab", report_dir="out")
+    cluster.resolve(flags, REPO)
+    assert cli.history_path(flags) == Path("out/history.sqlite")
+
+
 def test_dry_run_prints_the_login_steps_and_the_sbatch_script(inv, capsys):
     assert cli.main(["--inventory", str(inv), "--target", "lab", "--local", "--dry-run", "--timeout", "99"]) == 0
     out = capsys.readouterr().out

@@ -134,7 +134,7 @@ def test_workflow_has_what_actions_needs(tmp_path):
     assert steps[0]["uses"].startswith("actions/checkout@")
     nightly = next(s for s in steps if s.get("name") == "nightly")
     assert nightly["env"] == {"HF_TOKEN": "${{ secrets.HF_TOKEN }}"}
-    assert "--target all --parallel 8" in nightly["run"] and "--identity" in nightly["run"]
+    assert "--target all --report-dir" in nightly["run"] and "--identity" in nightly["run"]   # --parallel: the run's
     assert [s for s in steps if "upload-artifact" in s.get("uses", "")][0]["if"] == "always()"
     assert steps[-1]["if"] == "always()" and "rm -f ~/.ssh/flashcore_nightly" in steps[-1]["run"]
     for s in steps:                                  # secrets only through env:, never spliced into a script

@@ -253,3 +253,10 @@ def test_a_host_judged_before_its_report_was_written_is_linked_to_it(tmp_path):
     assert [row["report_link"] for row in out.doc["rows"]] == [name, name]
     assert f"[report]({name})" in Path(out.paths["md"]).read_text()
 
+
+def test_a_cluster_is_run_again_by_its_name_not_its_nodes(tmp_path):
+    """A Slurm cluster's results are its nodes (not targets): the rerun file names the cluster."""
+    out = finish_fleet([_two_gpu_failing(1, tmp_path), _unreachable(1)], tmp_path, target="lab", rerun_target="lab")
+    assert out.doc["rerun"] == ["lab"] and parse_target_file(Path(out.paths["rerun"]).read_text()) == ["lab"]
+    passing = finish_fleet([_h100("node-1", 2)], tmp_path, target="lab", rerun_target="lab")
+    assert passing.doc["rerun"] == [] and "rerun" not in passing.paths

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.harness import GOOD, REPO_ID, Background, alive, deploy, start_hub
+from tests.integration.harness import GOOD, REPO_ID, Background, alive, deploy, start_hub, summary_links
+from pipeline.inventory import parse_target_file
 from tests.slurm.cluster import Cluster
 
 PASS_DOC = "tests/pipeline/fixtures/parity/pass_cpu_tiny.json"       # paths in the synced workspace
@@ -157,6 +158,56 @@ def test_over_ssh_gpu_tasks_name_node_and_uuid_and_failures_and_the_token_leaks_
     assert not idle.active_jobs()
 
 
+def _seed_history(path: Path, node: str, doc: dict) -> None:
+    """Earlier runs of the slot a CPU task on `node` validates: three passing runs at half of `doc`'s figures,
+    then one at `doc`'s own (flagged against them): a task that reports `doc` is then the second flagged run in a
+    row on every gated metric, a confirmed regression (pipeline/regression.py)."""
+    from pipeline.gpu_result import GpuResult, parity_metrics
+    from pipeline.history import HistoryStore
+    from pipeline.regression import spec_for
+
+    today = parity_metrics(doc)
+    gated = {k: v for k, v in today.items() if (spec := spec_for(k)) and spec.gate}
+    assert gated, today
+    with HistoryStore(path) as store:
+        for day, scale in ((1, 0.5), (2, 0.5), (3, 0.5), (4, 1.0)):
+            started = f"2020-01-0{day}T02:00:00+00:00"
+            store.record_run([GpuResult(node, None, gpu_name="cpu", status="passed", verdict="PASSED",
+                                        started_at=started, metrics={k: v * scale for k, v in gated.items()})],
+                             started_at=started, target="lab")
+
+
+def test_a_cluster_run_is_judged_recorded_and_locked_like_a_fleet(idle, checkout, shared_ws, tmp_path):
+    """As an SSH fleet: the history is the inventory's `history:`, each task is judged before its report is
+    written (its confirmed regression at the top of its report and of the summary, exit 1 though the task
+    passed), the run is recorded there, a second run of the same inventory stops at once (its lock, exit 6), and
+    the summary's report links open from the summary's own folder."""
+    history = tmp_path / "h" / "history.sqlite"
+    _seed_history(history, idle.node, json.loads((checkout / PASS_DOC).read_text()))
+    inv = inventory(tmp_path / "inv.yaml", idle, shared_ws, gpus=1)
+    inv.write_text(inv.read_text() + f"history: {history}\n")
+    bg = Background(["--inventory", str(inv), "--target", "lab", "--local", "--skip", "install", "--suite-command",
+                     f'sleep 3; cp {PASS_DOC} "$task_dir/parity.json"'], tmp_path / "r", cwd=checkout)
+    bg.wait_for("submitted job", timeout=120)
+    second = deploy(["--inventory", str(inv), "--target", "lab", "--local", "--skip", "install"], tmp_path / "r2",
+                    cwd=checkout)
+    run = bg.finish(timeout=120)
+    assert second.code == 6 and f"another run of {inv} is in progress" in second.err, second.out
+    assert run.code == 1, run.out[-4000:]
+    (task,) = [d for key, d in reports(tmp_path / "r").items() if key != "login"]
+    assert task["verdict"] == "PASSED" and task["exit_code"] == 0 and task["regressions"]
+    md = (tmp_path / "r" / task["artifacts"]["report_md"]).read_text()
+    assert md.splitlines()[0].endswith("PASSED, REGRESSION") and md.index("Regression") < md.index("| scenario")
+    s = summary_doc(tmp_path / "r")
+    assert s["exit_code"] == 1 and s["regressions"] and s["history"] == str(history)
+    assert re.search(rf"flashcore-deploy: lab \d+_0 on {idle.node}: REGRESSION: ", run.err), run.err
+    with sqlite3.connect(history) as db:
+        assert db.execute("select count(*) from results where host = ?", (idle.node,)).fetchone() == (5,)
+    assert not (tmp_path / "r" / "history.sqlite").exists()
+    (linked,) = summary_links(tmp_path / "r")
+    assert linked.read_text() == md
+
+
 def test_sigterm_cancels_the_array_and_the_reports_say_interrupted(idle, checkout, shared_ws, tmp_path):
     """SIGTERM to the CLI while both tasks run: scancel, every task's report INTERRUPTED, exit 143, nothing left
     in squeue and no task process alive."""
@@ -206,6 +257,11 @@ def test_pending_past_the_wall_limit_is_cancelled_and_named_with_slurms_reason(i
     junit = next((tmp_path / "r").glob("summary-*.junit.xml")).read_text()
     assert f'errors="{len(docs)}"' in junit and "NOT RUN: PENDING" in junit
     assert not idle.active_jobs()
+    rerun = tmp_path / "r" / s["rerun_file"]                   # a target: the cluster, not its node
+    assert s["rerun"] == ["lab"] and parse_target_file(rerun.read_text()) == ["lab"]
+    listed = deploy(["--inventory", str(inv), "--target", f"@{rerun}", "--list-hosts"], tmp_path / "r3",
+                    cwd=checkout)
+    assert listed.code == 0 and listed.out.startswith("lab\tSlurm via this machine"), listed.out
 
 
 def test_a_dropped_login_connection_cancels_the_job_over_a_new_one(idle, checkout, shared_ws, login_sshd, tmp_path):
