@@ -11,6 +11,7 @@ Remote layout under the workspace WS (absolute, resolved from the probe's $HOME)
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import shlex
 from collections.abc import Mapping, Sequence
@@ -34,22 +35,46 @@ RESULT_MARKER = "@@result "
 SUITE_TEST = "tests/parity/test_parity_suite.py"
 
 
-def is_excluded(relpath: str, is_dir: bool, patterns: Sequence[str] = SYNC_EXCLUDES) -> bool:
-    """Whether `relpath` (POSIX, relative to the synced root) is excluded; the same rules rsync applies to these
-    patterns: an anchored one ("/a/b") matches the whole path from the root, its `*` and `?` never crossing a
-    "/"; any other matches the last name at any depth (no "**", no unanchored "a/b": none is used)."""
-    parts = relpath.strip("/").split("/")
-    for pat in patterns:
-        if pat.endswith("/") and not is_dir:
-            continue
-        p = pat.rstrip("/")
-        if p.startswith("/"):
-            want = p[1:].split("/")
-            if len(want) == len(parts) and all(map(fnmatch.fnmatchcase, parts, want)):
-                return True
-        elif fnmatch.fnmatchcase(parts[-1], p):
+class Excludes:
+    """Exclude patterns compiled once, matched as rsync matches them: an anchored pattern ("/a/b") matches the
+    whole path from the synced root, its `*` and `?` never crossing a "/"; any other matches the last name at any
+    depth (no "**", no unanchored "a/b": none is used); a trailing "/" matches directories only. Anchored patterns
+    without wildcard characters (git's ignored paths, by the thousand in some checkouts) are one set lookup."""
+
+    def __init__(self, patterns: Sequence[str]):
+        self.literal: dict[str, bool] = {}            # path -> directories only
+        self.globs: list[tuple[list[str] | None, str, bool]] = []   # (anchored parts or None, name glob, dir only)
+        for pat in patterns:
+            dir_only, p = pat.endswith("/"), pat.rstrip("/")
+            if p.startswith("/") and not any(c in p for c in "*?["):
+                self.literal[p[1:]] = self.literal.get(p[1:], True) and dir_only
+            else:
+                self.globs.append((p[1:].split("/") if p.startswith("/") else None, p, dir_only))
+
+    def __call__(self, relpath: str, is_dir: bool) -> bool:
+        rel = relpath.strip("/")
+        if rel in self.literal and (is_dir or not self.literal[rel]):
             return True
-    return False
+        parts = rel.split("/")
+        for want, glob, dir_only in self.globs:
+            if dir_only and not is_dir:
+                continue
+            if want is None:
+                if fnmatch.fnmatchcase(parts[-1], glob):
+                    return True
+            elif len(want) == len(parts) and all(map(fnmatch.fnmatchcase, parts, want)):
+                return True
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _excludes(patterns: tuple[str, ...]) -> Excludes:
+    return Excludes(patterns)
+
+
+def is_excluded(relpath: str, is_dir: bool, patterns: Sequence[str] = SYNC_EXCLUDES) -> bool:
+    """Whether `relpath` (POSIX, relative to the synced root) is excluded by `patterns` (see `Excludes`)."""
+    return _excludes(tuple(patterns))(relpath, is_dir)
 
 
 def anchored_pattern(relpath: str) -> str:

@@ -12,7 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.commands import SYNC_EXCLUDES, anchored_pattern, is_excluded
+from pipeline.commands import SYNC_EXCLUDES, Excludes, anchored_pattern
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_SCRIPTS = Path(__file__).resolve().parent / "remote_scripts"
@@ -42,6 +42,7 @@ def collect_tree(root: Path = REPO_ROOT, excludes: tuple[str, ...] | None = None
     rsync is given the same patterns (`CodeTree.excludes`), so both send the same tree."""
     if excludes is None:
         excludes = SYNC_EXCLUDES + git_ignored(root)
+    is_excluded = Excludes(excludes)
     files: list[str] = []
     total = 0
     digest = hashlib.sha256()
@@ -49,10 +50,10 @@ def collect_tree(root: Path = REPO_ROOT, excludes: tuple[str, ...] | None = None
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
         dirnames[:] = sorted(d for d in dirnames
-                             if not is_excluded(f"{rel_dir}/{d}".lstrip("/"), True, excludes))
+                             if not is_excluded(f"{rel_dir}/{d}".lstrip("/"), True))
         for name in filenames:
             rel = f"{rel_dir}/{name}".lstrip("/")
-            if not is_excluded(rel, False, excludes):
+            if not is_excluded(rel, False):
                 files.append(rel)
     files.sort()
     for rel in files:
