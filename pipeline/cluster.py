@@ -5,7 +5,9 @@ from its login node, into the same per-GPU reports, fleet summary, JUnit and his
                      login node's HostConfig (an inventory host or ssh_config name over SSH, or --local: here)
     run_cluster()    the login node through the runner, with the cluster's steps:
                          connect -> lock -> sync -> install -> token -> suite = the job array -> report
-                     then one report per task (report.write) and the fleet summary (summary.finish_fleet)
+                     then one report per task, each judged against the history first (summary.Judge, as
+                     an SSH fleet's hosts are), and the fleet summary (summary.finish_fleet; its rerun file
+                     names the cluster). The CLI holds the inventory's lock around it, as for a fleet.
 
 The cut: the login node IS one host of the runner (its lock, sync, install, HF token, cleanup and report are
 the runner's, unchanged); only where its suite runs differs. So the runner takes its steps as an option
