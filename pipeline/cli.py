@@ -25,7 +25,7 @@ from pipeline.history import HistoryStore, default_path
 from pipeline.results import SKIPPABLE_STEPS
 from pipeline.schedule import inventory_lock
 from pipeline.settings import (DEFAULT_PARALLEL, DEFAULTS, Flags, HostConfig, count, describe, gpu_indices,
-                               resolve, seconds, seed_value, tcp_port)
+                               resolve, seconds, tcp_port)
 
 EPILOG = """\
 examples:
@@ -143,7 +143,7 @@ def make_flags(**raw) -> Flags:
             "host_timeout": lambda v: seconds(v, "--host-timeout"),
             "parallel": lambda v: count(v, "--parallel"),
             "gpus": lambda v: gpu_indices(v),
-            "seed": lambda v: seed_value(v)}
+            "seed": lambda v: count(v, "--seed", least=0)}
     for key, fn in conv.items():
         if raw.get(key) is not None:
             raw[key] = fn(raw[key])

@@ -153,24 +153,14 @@ def gpu_indices(text: Any, what: str = "--gpus") -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(w) for w in words))
 
 
-def count(text: Any, what: str) -> int:
+def count(text: Any, what: str, least: int = 1) -> int:
+    """A whole number >= `least` (a count; 0 for the suite's --seed)."""
     try:
         value = int(str(text), 10)
     except ValueError:
         raise UsageError(f"{what}: {text!r} is not a whole number") from None
-    if value < 1:
-        raise UsageError(f"{what}: {value} must be at least 1")
-    return value
-
-
-def seed_value(text: Any, what: str = "--seed") -> int:
-    """The suite's seed: a whole number >= 0."""
-    try:
-        value = int(str(text), 10)
-    except ValueError:
-        raise UsageError(f"{what}: {text!r} is not a whole number") from None
-    if value < 0:
-        raise UsageError(f"{what}: {value} must be 0 or more")
+    if value < least:
+        raise UsageError(f"{what}: {value} must be at least {least}")
     return value
 
 

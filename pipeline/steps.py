@@ -196,6 +196,11 @@ def hub_models(model: str) -> list[str]:
     return [m.strip() for m in model.split(",") if "/" in m]
 
 
+def is_hub_model(model: str) -> bool:
+    """Whether a model (or any model of a list a,b) is a hub id: it then needs the token."""
+    return bool(hub_models(model))
+
+
 def suite_models(f: Facts) -> list[str]:
     """The models the suite will run on this host (`default` expanded for its device)."""
     return f.here.catalogue.expand(f.model, f.device)
@@ -490,7 +495,7 @@ def plan_suite(f: Facts) -> list[Op]:
     env = {**_forwarded_env(f), "FLASHCORE_PARITY_JSON": json_path, "FLASHCORE_JUNIT": junit_path}
     if t.index is not None:   # pinned: the process sees this one GPU as cuda:0 (nvidia-smi's index = PCI bus order)
         env.update(CUDA_VISIBLE_DEVICES=str(t.index), CUDA_DEVICE_ORDER="PCI_BUS_ID")
-    if hub_models(f.model) and f.here.token:
+    if is_hub_model(f.model) and f.here.token:
         env["HF_TOKEN_PATH"] = lay["token"]
     inner = f.suite_command or shlex.join(
         commands.pytest_argv(_python(f), f.model, json_path, junit_path, f.device or None, f.cfg.seed))

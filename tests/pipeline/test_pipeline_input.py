@@ -47,7 +47,7 @@ def _bad(argv: list[str], words: str, capsys, tmp_path: Path) -> str:
     (["--host", "h", "--model", "tiny,smollm2-135n"], "--model: unknown model 'smollm2-135n'"),
     (["--host", "h", "--model", "tiny,,default"], "--model: 'tiny,,default' has an empty name in its list"),
     (["--host", "h", "--model", "tiny,org//x"], "--model: 'org//x' is not a hub id"),
-    (["--host", "h", "--seed", "-1"], "--seed: -1 must be 0 or more"),
+    (["--host", "h", "--seed", "-1"], "--seed: -1 must be at least 0"),
     (["--host", "h", "--seed", "1.5"], "--seed: '1.5' is not a whole number"),
     (["--local", "--model", "tinyy"], "--model: unknown model 'tinyy'"),
     (["--host", "h", "--model", "org//model"], "--model: 'org//model' is not a hub id"),
