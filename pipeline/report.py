@@ -111,7 +111,7 @@ def criteria_legend(reports) -> dict[str, str]:
     names: dict[str, str] = {}
     for report in reports:
         for run in report.runs if report is not None else ():
-            for s in run.scenarios:
+            for s in run.scenarios if run.loaded else ():     # a model that did not load: nothing evaluated
                 if s.criterion and s.criterion not in names:
                     names[s.criterion] = f"C{len(names) + 1}"
     return names
