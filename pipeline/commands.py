@@ -219,11 +219,14 @@ def pythonpath_env(workspace: str, extra: str = "") -> str:
     return f'PYTHONPATH={q(head)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
 
 
-def pytest_argv(python: str, model: str, json_path: str, junit_path: str, device: str | None) -> list[str]:
+def pytest_argv(python: str, model: str, json_path: str, junit_path: str, device: str | None,
+                seed: int | None = None) -> list[str]:
     argv = [python, "-m", "pytest", SUITE_TEST, "--parity-model", model, "--parity-json", json_path,
             "--junitxml", junit_path, "-p", "no:cacheprovider", "-q", "-rA"]
     if device:
         argv += ["--parity-device", device]
+    if seed is not None:
+        argv += ["--parity-seed", str(seed)]
     return argv
 
 

@@ -3,7 +3,8 @@
     GpuResult        host, GPU (index, UUID, model), status, verdict, failed step, duration, metrics, scenario
                      verdicts, versions, report path
     gpu_results()    a HostRunResult -> one GpuResult per GPU the host has
-    parity_metrics() a flashcore.parity/1 document -> {metric name: value}, unknown scenarios and modes included
+    parity_metrics() a parity document (flashcore.parity/2, or /1) -> {metric name: value}, per model, unknown
+                     scenarios and modes included
 
 The runner validates every GPU (or those --gpus selects) with a suite of its own (`HostRunResult.suites`): each
 GPU's record has that suite's verdict and figures; a GPU left out by --gpus is named "not run". A run that stopped
@@ -11,14 +12,20 @@ before its suites gives every selected GPU the host's verdict and failed step. A
 default device and no per-GPU suites (a Slurm task, a report written before per-GPU runs) gives GPU 0 the run's
 figures and names the others "not run".
 
-Metric names (all floats; direction and gating in `pipeline.regression.METRICS`):
+Metric names (all floats; direction and gating in `pipeline.regression.METRICS`). A suite validates several
+models (a GPU's default: llama-3.1-8b and smollm2-135m): each model's metrics carry its name first.
 
-    decode.<mode>.flashcore_ms   decode latency per token, <mode> = eager | cuda_graph | any mode the suite adds
-    decode.<mode>.sdpa_ms        the same for SDPA, measured in the same run (the reference)
-    decode.<mode>.ratio          flashcore_ms / sdpa_ms (lower is better; host speed cancels out)
-    err_bound.<scenario>         worst logit error over its bound in that scenario (1.0 = at the bound), for every
-                                 scenario whose `measured` has *err_over_bound keys (per-row ones take the worst)
-    suite_duration_s             the suite's own wall time
+    <model>.decode.<mode>.flashcore_ms   decode latency per token, <mode> = eager | cuda_graph |
+                                         cuda_graph_compiled | any mode the suite adds
+    <model>.decode.<mode>.sdpa_ms        the same for SDPA, measured in the same run (the reference)
+    <model>.decode.<mode>.ratio          flashcore_ms / sdpa_ms (lower is better; host speed cancels out)
+    <model>.err_bound.<scenario>         worst logit error over its bound in that scenario (1.0 = at the bound), for
+                                         every scenario with a bound (a /1 document's: its *err_over_bound values)
+    <model>.duration_s                   that model's share of the suite's time
+    suite_duration_s                     the suite's own wall time, every model
+
+e.g. `llama-3.1-8b.decode.cuda_graph.flashcore_ms`. Scenario verdicts are keyed the same way
+(`smollm2-135m.batch_4`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline import errors
+from pipeline import errors, parse
 from pipeline.results import GpuInfo, HostRunResult, SuiteRun
 
 Status = Literal["passed", "failed", "error", "unreachable", "interrupted", "unknown", "not run"]
@@ -99,39 +106,42 @@ def _number(value: Any) -> float | None:
 
 
 def parity_metrics(doc: dict[str, Any] | None) -> dict[str, float]:
-    """{metric: value} from a flashcore.parity/1 document; anything missing or malformed is left out."""
-    if not isinstance(doc, dict):
+    """{metric: value} of a parity document (read typed: flashcore.parity/2, or /1 as one run), every metric of a
+    model run prefixed by its model; a document that cannot be read, or a run whose model did not load, gives
+    none."""
+    report = parse.parity_report(doc)
+    if report is None:
         return {}
     out: dict[str, float] = {}
-    latency = doc.get("latency") if isinstance(doc.get("latency"), dict) else {}
-    for row in latency.get("rows") or []:
-        if not isinstance(row, dict) or not row.get("mode"):
+    for run in report.runs:
+        if not run.loaded:
             continue
-        mode = str(row["mode"])
-        fc, sdpa = _number(row.get("flashcore_ms")), _number(row.get("sdpa_ms"))
-        if fc is not None:
-            out[f"decode.{mode}.flashcore_ms"] = fc
-        if sdpa is not None:
-            out[f"decode.{mode}.sdpa_ms"] = sdpa
-        if fc is not None and sdpa:
-            out[f"decode.{mode}.ratio"] = fc / sdpa
-    for scen in doc.get("scenarios") or []:
-        if not isinstance(scen, dict) or not scen.get("name") or not isinstance(scen.get("measured"), dict):
-            continue
-        margins = [x for k, v in scen["measured"].items()
-                   if str(k).endswith("err_over_bound") and (x := _number(v)) is not None]
-        if margins:
-            out[f"err_bound.{scen['name']}"] = max(margins)
-    if (d := _number(doc.get("duration_s"))) is not None:
+        model = run.model.preset
+        for row in run.latency.rows:
+            fc, sdpa = _number(row.flashcore_ms), _number(row.sdpa_ms)
+            if fc is not None:
+                out[f"{model}.decode.{row.mode}.flashcore_ms"] = fc
+            if sdpa is not None:
+                out[f"{model}.decode.{row.mode}.sdpa_ms"] = sdpa
+            if fc is not None and sdpa:
+                out[f"{model}.decode.{row.mode}.ratio"] = fc / sdpa
+        for scen in run.scenarios:
+            if (x := _number(scen.worst_err_over_bound)) is not None:
+                out[f"{model}.err_bound.{scen.name}"] = x
+        if (d := _number(run.duration_s)):
+            out[f"{model}.duration_s"] = d
+    if (d := _number(report.duration_s)):
         out["suite_duration_s"] = d
     return out
 
 
 def scenario_verdicts(doc: dict[str, Any] | None) -> dict[str, bool]:
-    if not isinstance(doc, dict):
+    """{"<model>.<scenario>": passed} of the runs whose model loaded (a model that did not load says nothing
+    about its scenarios: that run is a step error, never a scenario that "newly fails")."""
+    report = parse.parity_report(doc)
+    if report is None:
         return {}
-    return {str(s["name"]): s["passed"] for s in doc.get("scenarios") or []
-            if isinstance(s, dict) and s.get("name") and isinstance(s.get("passed"), bool)}
+    return {f"{run.model.preset}.{s.name}": s.passed for run in report.runs if run.loaded for s in run.scenarios}
 
 
 def versions_of(result: HostRunResult, gpu: GpuInfo | None, parity: dict[str, Any] | None = None) -> dict[str, str]:

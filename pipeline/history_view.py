@@ -2,7 +2,7 @@
 as a table (with each run's verdict under the regression rule) and a PNG plot (matplotlib, Agg backend).
 
     flashcore-deploy history                                   graphed decode ms/token, every host, last 14 runs
-    flashcore-deploy history --host lab-a --metric 'err_bound.*' --last 30 --plot err.png
+    flashcore-deploy history --host lab-a --metric '*.err_bound.*' --last 30 --plot err.png
 
 The pure part: `series_points()` (results -> judged points) and `table_rows()`; `plot_png()` draws; `main()` reads
 the store and prints.
@@ -24,7 +24,7 @@ from pipeline.gpu_result import GpuResult
 from pipeline.history import HistoryStore, default_path
 from pipeline.regression import Finding, assess, spec_for
 
-DEFAULT_METRIC = "decode.cuda_graph.flashcore_ms"
+DEFAULT_METRIC = "*.decode.cuda_graph.flashcore_ms"   # every model's graphed decode step
 DEFAULT_LAST = 14
 MAX_PANELS = 6
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default="reports", metavar="DIR", help="where the reports are (default reports/)")
     p.add_argument("--host", metavar="H", help="one host (default: all)")
     p.add_argument("--metric", default=DEFAULT_METRIC, metavar="M",
-                   help=f"a metric name or fnmatch pattern, e.g. 'decode.*' or 'err_bound.*' "
+                   help=f"a metric name or fnmatch pattern, e.g. 'llama-3.1-8b.decode.*' or '*.err_bound.*' "
                         f"(default {DEFAULT_METRIC})")
     p.add_argument("--last", type=int, default=DEFAULT_LAST, metavar="N",
                    help=f"the last N runs per host/GPU (default {DEFAULT_LAST})")

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from flashcore.parity.results import ParityReport, SchemaError, summarize
 from pipeline.commands import RESULT_MARKER
 from pipeline.inventory import GpuSpec, describe_gpu_requirement
 from pipeline.results import GpuInfo, GpuProcess
@@ -183,33 +184,41 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def parity_report(doc: Any) -> ParityReport | None:
+    """The suite's document, typed (flashcore.parity/2, or /1 read as one run), or None when it is no such
+    document. The typed reader lives beside the suite (flashcore.parity.results: pydantic, no torch import)."""
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return ParityReport.from_dict(doc)
+    except SchemaError:
+        return None
+
+
 def parity_summary(doc: dict[str, Any] | None) -> tuple[bool | None, str]:
-    """(passed, one-line summary) of a flashcore.parity/1 document, defensively (any field may be missing)."""
+    """(passed, one line) of a parity document: '9/9 scenarios passed on llama-3.1-8b; 9/9 scenarios passed on
+    smollm2-135m', or (None, why it could not be read). Scenarios this reader does not know count like any
+    other."""
     if not isinstance(doc, dict):
         return None, "no parity results"
-    if doc.get("schema") != "flashcore.parity/1":
-        return None, f"unexpected parity schema {doc.get('schema')!r}"
-    scen = [s for s in doc.get("scenarios") or [] if isinstance(s, dict)]
-    failed = [str(s.get("name", "?")) for s in scen if s.get("passed") is False]
-    passed = doc.get("passed")
-    passed = bool(passed) if isinstance(passed, bool) else None
-    text = f"{len(scen) - len(failed)}/{len(scen)} scenarios passed"
-    if failed:
-        text += " (failed: " + ", ".join(failed) + ")"
-    return passed, text
+    return summarize(doc)
 
 
-def model_not_loaded(doc: dict[str, Any]) -> str:
-    """Why the suite's model did not load ('' when it did): every scenario then fails unevaluated with
-    "model ... did not load" (flashcore.parity.suite). Not a parity failure: the kernels never ran."""
-    scen = [s for s in doc.get("scenarios") or [] if isinstance(s, dict)]
-    why = [str(s.get("summary", "")) for s in scen]
-    if scen and all("did not load" in w for w in why):
-        return why[0]
-    return ""
+def model_not_loaded(doc: dict[str, Any] | None) -> str:
+    """Why the suite's models did not load ('' when every one did), from each run's typed `loaded` / `error`
+    (a /1 document's wording is mapped to them by the reader). Not a parity failure: the kernels never ran."""
+    report = parity_report(doc)
+    if report is None:
+        return ""
+    return "; ".join(run.error or f"model {run.model.preset!r} did not load" for run in report.runs if not run.loaded)
 
 
-def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str], install_script: bytes) -> str:
-    """The key of a workspace venv: the dependency spec, the host python, the wheels and the install script."""
-    blob = json.dumps({"reqs": reqs, "python": python, "wheels": sorted(wheel_names)}, sort_keys=True).encode()
+def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str], install_script: bytes,
+                      no_deps: list[str] = ()) -> str:
+    """The key of a workspace venv: the dependency spec (with the pins installed without dependencies), the host
+    python, the wheels and the install script."""
+    spec = {"reqs": reqs, "python": python, "wheels": sorted(wheel_names)}
+    if no_deps:          # (absent when empty: venvs built before such pins existed keep their key)
+        spec["no_deps"] = list(no_deps)
+    blob = json.dumps(spec, sort_keys=True).encode()
     return hashlib.sha256(blob + hashlib.sha256(install_script).digest()).hexdigest()[:16]

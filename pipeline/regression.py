@@ -60,17 +60,23 @@ class MetricSpec:
     title: str
 
 
-# First match wins. Gated: the CUDA-graph decode step (0.2% apart over four real H100 runs) and the error margins.
-# Eager decode is judged and shown but not gated: it is host-bound (a Python loop, launch overhead) and moved
-# 20-40% between runs on the same H100 (docs/BENCHMARKS.md); at that noise a 7-run MAD flags pure noise on a few
-# percent of nights (tests/pipeline/test_regression.py measures it).
+# First match wins; metric names start with the model (pipeline.gpu_result). Gated: the CUDA-graph decode step
+# (0.2% apart over four real H100 runs), plain and with compiled blocks, and the error margins. Eager decode is
+# judged and shown but not gated: it is host-bound (a Python loop, launch overhead) and moved 20-40% between runs
+# on the same H100 (docs/BENCHMARKS.md); at that noise a 7-run MAD flags pure noise on a few percent of nights
+# (tests/pipeline/test_regression.py measures it).
 METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("decode.cuda_graph.flashcore_ms", "lower", True, "flashcore decode ms/token, CUDA graph"),
-    MetricSpec("decode.cuda_graph.ratio", "lower", True, "flashcore / SDPA decode time, CUDA graph"),
-    MetricSpec("decode.*.flashcore_ms", "lower", False, "flashcore decode ms/token"),
-    MetricSpec("decode.*.ratio", "lower", False, "flashcore / SDPA decode time"),
-    MetricSpec("decode.*.sdpa_ms", "lower", False, "SDPA decode ms/token (the same run's reference)"),
-    MetricSpec("err_bound.*", "lower", True, "worst logit error / bound"),
+    MetricSpec("*.decode.cuda_graph.flashcore_ms", "lower", True, "flashcore decode ms/token, CUDA graph"),
+    MetricSpec("*.decode.cuda_graph.ratio", "lower", True, "flashcore / SDPA decode time, CUDA graph"),
+    MetricSpec("*.decode.cuda_graph_compiled.flashcore_ms", "lower", True,
+               "flashcore decode ms/token, CUDA graph with compiled blocks"),
+    MetricSpec("*.decode.cuda_graph_compiled.ratio", "lower", True,
+               "flashcore / SDPA decode time, CUDA graph with compiled blocks"),
+    MetricSpec("*.decode.*.flashcore_ms", "lower", False, "flashcore decode ms/token"),
+    MetricSpec("*.decode.*.ratio", "lower", False, "flashcore / SDPA decode time"),
+    MetricSpec("*.decode.*.sdpa_ms", "lower", False, "SDPA decode ms/token (the same run's reference)"),
+    MetricSpec("*.err_bound.*", "lower", True, "worst logit error / bound"),
+    MetricSpec("*.duration_s", "lower", False, "a model's share of the suite's wall time"),
     MetricSpec("suite_duration_s", "lower", False, "suite wall time"),
 )
 
@@ -117,8 +123,8 @@ class Finding:
         return abs(self.value - self.baseline) / self.noise
 
     def text(self) -> str:
-        """One line: `decode.cuda_graph.ratio 0.97 vs 0.83 (+17%, 4.1 noise units): regression; environment
-        changed: torch 2.11.0 -> 2.12.0`."""
+        """One line: `llama-3.1-8b.decode.cuda_graph.ratio 0.97 vs 0.83 (+17%, 4.1 noise units): regression;
+        environment changed: torch 2.11.0 -> 2.12.0`."""
         head = self.metric
         if self.value is not None and self.baseline is not None:
             head += f" {self.value:.4g} vs {self.baseline:.4g}"
@@ -219,8 +225,8 @@ def judge_metric(cur: GpuResult, past: Sequence[GpuResult], metric: str) -> Find
 
 
 def _explained_by_host(f: Finding, cur: GpuResult, past: Sequence[GpuResult]) -> str:
-    """For a flagged `decode.<mode>.flashcore_ms`: why the host explains it ('' when it does not): the same run's
-    SDPA time got worse too and the flashcore/SDPA ratio was not flagged."""
+    """For a flagged `<model>.decode.<mode>.flashcore_ms`: why the host explains it ('' when it does not): the same
+    run's SDPA time got worse too and the flashcore/SDPA ratio was not flagged."""
     if not f.metric.endswith(".flashcore_ms"):
         return ""
     ref = judge_metric(cur, past, f.metric.removesuffix("flashcore_ms") + "sdpa_ms")

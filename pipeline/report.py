@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from flashcore.parity.results import ParityReport
 from pipeline import parse
 from pipeline.errors import EXIT_OK, EXIT_STEP, UsageError
 from pipeline.results import HostRunResult, StepResult, SuiteRun
@@ -57,6 +59,16 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _ratio(value: Any) -> str:
+    """A worst err/bound: 0.38, or "inf" / "nan" as the document stores them, or — (no bound)."""
+    return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else _cell(value)
+
+
+def _clip(text: Any, limit: int = 160) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
 def environment(template: Path | None = None) -> jinja2.Environment:
     """The jinja2 Environment of a template's folder, made once per folder: its templates are compiled once
     and kept (jinja2's own cache re-reads one only when its file changed), not once per report."""
@@ -67,20 +79,56 @@ def environment(template: Path | None = None) -> jinja2.Environment:
 def _environment(folder: str) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([folder]), undefined=jinja2.ChainableUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters.update(num=_num, bytes=_bytes, measured=_measured, cell=_cell, legend=criteria_legend,
+    env.filters.update(num=_num, bytes=_bytes, measured=_measured, cell=_cell, ratio=_ratio, clip=_clip,
+                       legend=lambda doc: criteria_legend([parse.parity_report(doc)]), graphed=graphed_line,
                        parity_line=lambda doc: parse.parity_summary(doc)[1] if doc else "—")
     return env
 
 
-def criteria_legend(parity: dict[str, Any] | None) -> dict[str, str]:
-    """Each distinct criterion text -> a short name (C1, C2 ... in order of first use): the table shows the
-    name, the legend below it the text once."""
+@dataclass(frozen=True)
+class ParitySection:
+    """One suite's parity document as the report shows it: typed (flashcore.parity/2, a /1 document read as one
+    run), or why there is none to show."""
+
+    where: str                     # " — GPU 0 (GPU-…)" for one GPU's suite, "" for the host's one suite
+    report: ParityReport | None
+    problem: str = ""              # no report: "no parity results" or why the document could not be read
+
+
+def parity_sections(result: HostRunResult) -> list[ParitySection]:
+    """One section per suite: each GPU's (its own document), or the host's one suite."""
+    suites = [(s.parity, _where(s)) for s in result.suites] if len(result.suites) > 1 else [(result.parity, "")]
+    out = []
+    for doc, where in suites:
+        report = parse.parity_report(doc)
+        out.append(ParitySection(where, report, "" if report else parse.parity_summary(doc)[1]))
+    return out
+
+
+def criteria_legend(reports) -> dict[str, str]:
+    """Each distinct criterion text of every run of `reports` -> a short name (C1, C2 ... in order of first use):
+    the tables show the name, the legend below them the text once."""
     names: dict[str, str] = {}
-    for s in (parity or {}).get("scenarios") or []:
-        text = str(s.get("criterion", "")) if isinstance(s, dict) else ""
-        if text and text not in names:
-            names[text] = f"C{len(names) + 1}"
+    for report in reports:
+        for run in report.runs if report is not None else ():
+            for s in run.scenarios if run.loaded else ():     # a model that did not load: nothing evaluated
+                if s.criterion and s.criterion not in names:
+                    names[s.criterion] = f"C{len(names) + 1}"
     return names
+
+
+def graphed_line(doc: dict[str, Any] | None) -> str:
+    """Per model, the CUDA-graph decode step flashcore / SDPA in ms (and with compiled blocks): the per-GPU
+    table's cell, e.g. "llama-3.1-8b 8.69 / 10.45, compiled 7.23 / 9.02; smollm2-135m ..."."""
+    report = parse.parity_report(doc)
+    parts = []
+    for run in report.runs if report is not None else ():
+        rows = {row.mode: row for row in run.latency.rows}
+        figures = [f"{'compiled ' if mode.endswith('compiled') else ''}{_num(rows[mode].flashcore_ms)} / "
+                   f"{_num(rows[mode].sdpa_ms)}" for mode in ("cuda_graph", "cuda_graph_compiled") if mode in rows]
+        if figures:
+            parts.append(f"{run.model.preset} " + ", ".join(figures))
+    return "; ".join(parts) or "—"
 
 
 def _where(s: SuiteRun) -> str:
@@ -91,17 +139,17 @@ def render_markdown(result: HostRunResult, template: str | Path | None = None) -
     path = Path(template) if template else DEFAULT_TEMPLATE
     tpl = environment(path).get_template(path.name)
     per_gpu = [s for s in result.suites if s.gpu_index is not None]
+    sections = parity_sections(result)
     if len(result.suites) > 1:
-        sections = [(s.parity or {}, _where(s)) for s in result.suites]
         summary = "; ".join(f"{s.tag}: {parse.parity_summary(s.parity)[1]}" for s in result.suites)
     else:
-        sections = [(result.parity or {}, "")]
         _, summary = parse.parity_summary(result.parity)
-    failing = any(sc.get("passed") is False for doc, _ in sections for sc in doc.get("scenarios") or []
-                  if isinstance(sc, dict))
+    runs = [run for sec in sections if sec.report for run in sec.report.runs]
+    failing = any(not run.passed for run in runs)
+    models = list(dict.fromkeys(run.model.preset for run in runs))
     return tpl.render(r=result, parity=result.parity or {}, parity_summary=summary, failed=result.failed_steps,
-                      per_gpu=per_gpu, sections=sections,
-                      scenario_failures=failing)
+                      per_gpu=per_gpu, sections=sections, criteria=criteria_legend(s.report for s in sections),
+                      models=models, scenario_failures=failing)
 
 
 def check_template(template: str | Path) -> None:

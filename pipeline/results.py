@@ -101,7 +101,7 @@ class HostRunResult:
     gpus: list[GpuInfo] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     sync: SyncFacts = field(default_factory=SyncFacts)
-    parity: dict[str, Any] | None = None   # the suite's flashcore.parity/1 document when ONE suite ran (else None)
+    parity: dict[str, Any] | None = None   # the suite's flashcore.parity/2 document when ONE suite ran (else None)
     suites: list[SuiteRun] = field(default_factory=list)     # one per GPU validated (or the CPU), each its parity
     gpus_selected: list[int] | None = None  # --gpus / the inventory's gpus: (None: every GPU of the host)
     verdict: str = "not run"

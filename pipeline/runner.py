@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import commands, local, parse, report
+from pipeline.catalogue import read_catalogue
 from pipeline.errors import Interrupted, PipelineError, StepError, UnknownError, WallTimeout, verdict_for
 from pipeline.inventory import describe_gpu_requirement
 from pipeline.remote import Cancel, LocalRemote, Remote
@@ -82,7 +83,7 @@ def gather_here(cfg: HostConfig, opts: RunOptions, started: datetime) -> Here:
     token, source = local.hf_token(opts.environ)
     root = opts.code_root
     return Here(tree=local.collect_tree(root), revision=local.git_revision(root),
-                requirements=local.requirements(root), scripts=local.remote_scripts(),
+                requirements=local.requirements(root), scripts=local.remote_scripts(), catalogue=read_catalogue(root),
                 wheels=local.wheels(opts.wheelhouse), token=token, token_source=source,
                 rsync=bool(shutil.which("rsync")) and (cfg.local or bool(shutil.which("ssh"))),
                 environ={k: opts.environ[k] for k in FORWARDED_ENV if opts.environ.get(k)},

@@ -11,7 +11,6 @@ model name): a bad value is a `UsageError`, exit 2 with one line naming the flag
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import re
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.catalogue import DEFAULT as DEFAULT_MODELS
+from pipeline.catalogue import read_catalogue
 from pipeline.errors import UsageError
 from pipeline.inventory import (GpuSpec, Inventory, describe_gpu_requirement, load_inventory,
                                 parse_gpu_requirement, parse_target_file, select_targets)
@@ -62,8 +63,9 @@ class HostConfig:
     python: str = "python3"
     workspace: str = "~/flashcore-workspace"
     gpu: GpuSpec | None = field(default_factory=lambda: GpuSpec(name="H100"))
-    model: str = "llama-3.1-8b"
+    model: str = DEFAULT_MODELS                    # the suite's default list (GPU: llama-3.1-8b + smollm2-135m), or a,b
     model_explicit: bool = False                   # False: a host without a GPU falls back to the tiny preset
+    seed: int | None = None                        # the suite's --parity-seed (None: its own default, 0)
     connect_timeout: float = 10.0
     install_timeout: float = 900.0
     suite_timeout: float = 1800.0
@@ -98,6 +100,7 @@ class Flags:
     target: str | None = None
     local: bool = False
     model: str | None = None
+    seed: int | None = None
     require_gpu: str | None = None
     python: str | None = None
     workspace: str | None = None
@@ -150,13 +153,14 @@ def gpu_indices(text: Any, what: str = "--gpus") -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(w) for w in words))
 
 
-def count(text: Any, what: str) -> int:
+def count(text: Any, what: str, least: int = 1) -> int:
+    """A whole number >= `least` (a count; 0 for the suite's --seed)."""
     try:
         value = int(str(text), 10)
     except ValueError:
         raise UsageError(f"{what}: {text!r} is not a whole number") from None
-    if value < 1:
-        raise UsageError(f"{what}: {value} must be at least 1")
+    if value < least:
+        raise UsageError(f"{what}: {value} must be at least {least}")
     return value
 
 
@@ -170,27 +174,24 @@ def _text(value: str | None, what: str) -> None:
 
 
 def preset_names(code_root: Path) -> tuple[str, ...]:
-    """flashcore.models.PRESETS' names, read from the synced checkout's source (no torch import here)."""
-    try:
-        tree = ast.parse((code_root / "flashcore" / "models.py").read_text())
-    except (OSError, SyntaxError):
-        return ()
-    for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else \
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
-        if isinstance(target, ast.Name) and target.id == "PRESETS" and isinstance(node.value, ast.Dict):
-            return tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
-    return ()
+    """Every model name the synced checkout's suite takes besides hub ids (`default`, its presets and packaged
+    models), read from its source (pipeline.catalogue: no torch import here)."""
+    return read_catalogue(code_root).names()
 
 
 def check_model(model: str, presets: tuple[str, ...], what: str = "--model") -> None:
-    """A preset name, or a hub id `org/name` (the rule flashcore.models.load_model applies)."""
-    if "/" in model:
-        if not _HUB_ID.match(model) or ".." in model or "--" in model:
-            raise UsageError(f"{what}: {model!r} is not a hub id (org/name: letters, digits, '-', '_', '.')")
-    elif presets and model not in presets:
-        raise UsageError(f"{what}: unknown model preset {model!r} (presets: {', '.join(presets)}; "
-                         "a hub id looks like org/name)")
+    """A model or a comma-separated list of them: each `default`, a preset or packaged model, or a hub id
+    `org/name` (the rule flashcore.models.load_model applies)."""
+    names = [n.strip() for n in model.split(",")]
+    if not all(names):
+        raise UsageError(f"{what}: {model!r} has an empty name in its list (a,b)")
+    for name in names:
+        if "/" in name:
+            if not _HUB_ID.match(name) or ".." in name or "--" in name:
+                raise UsageError(f"{what}: {name!r} is not a hub id (org/name: letters, digits, '-', '_', '.')")
+        elif presets and name not in presets:
+            raise UsageError(f"{what}: unknown model {name!r} (known: {', '.join(presets)}; a hub id looks like "
+                             "org/name; several: a,b)")
 
 
 def check_flags(f: Flags) -> None:
@@ -248,14 +249,14 @@ def _inventory_layer(inv: Inventory, name: str) -> dict[str, Any]:
     return out
 
 
-_LOCAL_FLAGS = ("python", "workspace", "gpu", "model", "suite_timeout", "lock_timeout", "gpus")
+_LOCAL_FLAGS = ("python", "workspace", "gpu", "model", "seed", "suite_timeout", "lock_timeout", "gpus")
 
 
 def _flag_layer(f: Flags) -> dict[str, Any]:
     """The flags as HostConfig fields (--host is not among them: it is the name ssh_config is asked about)."""
     return {k: v for k, v in {
         "port": f.port, "user": f.user, "python": f.python, "workspace": f.workspace,
-        "gpu": f.require_gpu, "model": f.model, "identities": (f.identity,) if f.identity else None,
+        "gpu": f.require_gpu, "model": f.model, "seed": f.seed, "identities": (f.identity,) if f.identity else None,
         "known_hosts": (f.known_hosts,) if f.known_hosts else None, "jumps": f.jumps,
         "connect_timeout": f.connect_timeout, "suite_timeout": f.timeout, "lock_timeout": f.lock_timeout,
         "host_timeout": f.host_timeout, "gpus": f.gpus, "accept_new_host_key": f.accept_new_host_key or None,
@@ -492,6 +493,7 @@ def describe(cfg: HostConfig) -> str:
         if cfg.jumps:
             where += " via " + ", ".join(h.spec() for h in cfg.jumps)
     gpus = f" (GPUs {','.join(map(str, cfg.gpus))})" if cfg.gpus is not None else ""
-    return (f"{cfg.name}\t{where}\tmodel {cfg.model}\tgpu {describe_gpu_requirement(cfg.gpu)}{gpus}\t"
+    seed = f" seed {cfg.seed}" if cfg.seed is not None else ""
+    return (f"{cfg.name}\t{where}\tmodel {cfg.model}{seed}\tgpu {describe_gpu_requirement(cfg.gpu)}{gpus}\t"
             f"python {cfg.python}\tworkspace {cfg.workspace}")
 

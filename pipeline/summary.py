@@ -20,6 +20,7 @@ Everything else here is pure.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import threading
@@ -38,7 +39,7 @@ from pipeline.results import HostRunResult
 
 SUMMARY_SCHEMA = "flashcore.fleet-summary/1"
 TEMPLATE = "summary.md.j2"
-SPARK_METRIC = "decode.cuda_graph.flashcore_ms"   # the trend shown per host/GPU
+SPARK_METRIC = "*.decode.cuda_graph.flashcore_ms"  # the trend shown per host/GPU: its first model's graphed step
 SPARK_RUNS = 14
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 EXIT_REGRESSION = errors.EXIT_PARITY     # a confirmed regression fails the fleet like a failed validation
@@ -98,8 +99,19 @@ def _report_link(report: str, report_dir: Path) -> str:
         return report
 
 
+def spark_metric(r: GpuResult, past: Sequence[GpuResult]) -> str:
+    """The metric of a row's trend: the first SPARK_METRIC of this result (its suite's first model), else of the
+    latest earlier result that has one; '' when none has."""
+    for rec in (r, *reversed(past)):
+        name = next((m for m in rec.metrics if fnmatch.fnmatchcase(m, SPARK_METRIC)), "")
+        if name:
+            return name
+    return ""
+
+
 def _row(r: GpuResult, a: Assessment, past: Sequence[GpuResult], report_dir: Path) -> dict[str, Any]:
-    trend = [p.metrics.get(SPARK_METRIC) for p in past if p.ran][-(SPARK_RUNS - 1):] + [r.metrics.get(SPARK_METRIC)]
+    metric = spark_metric(r, past)
+    trend = [p.metrics.get(metric) for p in past if p.ran][-(SPARK_RUNS - 1):] + [r.metrics.get(metric)]
     trend = trend if any(v is not None for v in trend) else []
     return {
         "result": r.to_dict(), "label": r.label, "gpu": _gpu_cell(r), "status": r.status,
@@ -107,7 +119,8 @@ def _row(r: GpuResult, a: Assessment, past: Sequence[GpuResult], report_dir: Pat
         "flags": [f.text() for f in a.flags], "findings": [dataclasses.asdict(f) for f in a.flags],
         "regressions": [f.text() for f in a.findings if f.fatal],
         "suspicious": [f.text() for f in a.flags if not f.fatal and f.gate and f.label == "suspicious"],
-        "trend": trend, "sparkline": sparkline(trend),
+        "trend": trend, "sparkline": sparkline(trend), "trend_metric": metric,
+        "trend_model": metric.removesuffix(SPARK_METRIC.removeprefix("*")),
     }
 
 

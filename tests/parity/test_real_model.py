@@ -94,3 +94,31 @@ def test_real_model_short_form_passes(tmp_path):
     sample = run.samples[0]
     assert sample.prompt in USER_MESSAGES and sample.reference.strip() and sample.flashcore.strip()
     assert sample.new_tokens == 4 and sample.prompt_tokens > 20
+
+
+@needs_smollm2
+def test_the_converted_copy_is_the_same_model_and_loads_in_a_second(tmp_path, monkeypatch):
+    """The GGUF file is read once and kept as transformers' own files (keyed by its sha256): the same weights, bit
+    for bit, as reading the GGUF file directly, the same tokenizer and chat template, and much faster."""
+    import time
+
+    from flashcore.models import _from_gguf, cache_root, load_model
+    monkeypatch.setenv("FLASHCORE_CACHE", str(tmp_path / "cache"))
+    first = load_model("smollm2-135m", device="cpu", dtype=torch.float16)
+    [converted] = (cache_root() / "packaged").iterdir()
+    assert converted.name.startswith("smollm2-135m-") and converted.name[-16:] in first.weights
+    assert not [p for p in converted.parent.iterdir() if p.name.startswith(".")]       # no temporary left
+    t0 = time.perf_counter()
+    cached = load_model("smollm2-135m", device="cpu", dtype=torch.float16)
+    seconds = time.perf_counter() - t0
+    tokenizer, direct = _from_gguf(SPEC, packaged_file(SPEC), torch.float16, "sdpa")
+    ours, theirs = cached.model.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert cached.model.dtype == torch.float16 and cached.model.config._attn_implementation == "sdpa"
+    chat = [{"role": "user", "content": USER_MESSAGES[4]}]
+    for tok in (first.tokenizer, cached.tokenizer):
+        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+            tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert tok(USER_MESSAGES[9])["input_ids"] == tokenizer(USER_MESSAGES[9])["input_ids"]
+        assert (tok.eos_token_id, tok.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert seconds < 10, seconds                        # reading the GGUF file takes 15-25 s on this machine

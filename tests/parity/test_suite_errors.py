@@ -27,6 +27,7 @@ def test_unloadable_model_still_writes_a_valid_failing_document(tmp_path, monkey
     assert not again.passed and [s.name for s in run.scenarios] == list(scenario_names())
     assert all(not s.passed and "did not load" in s.summary for s in run.scenarios)
     assert run.model.source == "hub" and "did not load" in run.error and report.runs[0].latency.skipped_reason
+    assert run.loaded is False and "load" in run.timings_s       # the typed field the pipeline reads (exit 5, not 1)
 
 
 def test_a_raising_kernel_fails_its_scenarios_not_the_run(tmp_path):
@@ -36,8 +37,9 @@ def test_a_raising_kernel_fails_its_scenarios_not_the_run(tmp_path):
     config = SuiteConfig.for_device(DEVICE_KIND, scenarios=("single_token", "gqa_memory"), latency=False)
     run_suite("tiny", config=config, kernels=Kernels(broken, broken), json_path=path)
     report = ParityReport.read(path)
-    assert not report.passed
+    assert not report.passed and report.runs[0].loaded                   # loaded: a verdict on the kernels
     assert all(not s.passed and "kernel exploded" in s.summary + s.detail for s in report.runs[0].scenarios)
+    assert set(report.runs[0].timings_s) >= {"load", "reference", "scenarios"}
 
 
 def _without_distribution(monkeypatch, name: str):

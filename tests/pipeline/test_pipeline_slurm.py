@@ -101,7 +101,7 @@ def test_gpu_script():
                       "#SBATCH --account=proj-1", "#SBATCH --time=01:00:00",
                       "#SBATCH --output=/shared/ws/slurm/%A/slurm-%a.out", "#SBATCH --no-requeue",
                       "#SBATCH --qos=high", "#SBATCH --exclusive"]
-    argv = commands.pytest_argv("/shared/ws/.venv/bin/python", "llama-3.1-8b", "T/parity.json", "T/junit.xml", "cuda")
+    argv = commands.pytest_argv("/shared/ws/.venv/bin/python", "default", "T/parity.json", "T/junit.xml", "cuda")
     assert shlex.join(argv).replace("T/", '"$task_dir"/') in text
     assert "export HF_HOME='/shared/hf cache'" in text and "module load cuda/12.4" in text
     assert "TRITON_INTERPRET" not in text
@@ -180,7 +180,7 @@ def test_the_documented_inventory_entry_is_valid():
     import yaml
 
     entry = slurm.SlurmConfig(**yaml.safe_load(slurm.SlurmConfig.__doc__.split("\n", 2)[2]))
-    assert (entry.login, entry.gpus, entry.uses_gpu, entry.suite_model) == ("lab-login", 64, True, "llama-3.1-8b")
+    assert (entry.login, entry.gpus, entry.uses_gpu, entry.suite_model) == ("lab-login", 64, True, "default")
 
 
 @pytest.mark.parametrize("record, parity, ended_by, signum, expected", [

@@ -3,7 +3,7 @@ step must plan (the commands out), the outputs those produce, and the StepResult
 step must conclude. A new case is a new file in fixtures/steps/ (STEP.CASE.json), not new test code.
 
 Fixture keys: step, about; cfg (HostConfig fields over name "gpu-a", address 10.0.0.1), probe (default: a root
-host with python3), here (Here fields), device, target (a SuiteTarget: one GPU's suite); ops (each: type + fields that must be equal, `contains`:
+host with python3), here (Here fields; the catalogue is this checkout's), device, target (a SuiteTarget: one GPU's suite); ops (each: type + fields that must be equal, `contains` / `lacks`:
 substrings of its command), plan_error; outputs (a CommandResult as {exit_code, stdout[_file], stderr,
 timed_out}, a HoldOutput as {held, lines, waited_s}, a Get's text or {text_file} or null, PutTarball's bytes);
 status, detail (substrings), log_tail (substrings), error (class name), exit_code, verdict, learned (subset),
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import commands, steps
+from pipeline.catalogue import read_catalogue
 from pipeline.errors import verdict_for
 from pipeline.inventory import parse_gpu_requirement
 from pipeline.local import CodeTree
@@ -27,6 +28,7 @@ from pipeline.results import StepResult
 from pipeline.settings import HostConfig
 
 FIX = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
 CASES = sorted(p.name.removesuffix(".json") for p in (FIX / "steps").glob("*.json"))
 STEP = {s.name: s for s in steps.STEPS}
 DEFAULT_PROBE = {"home": "/root", "python_path": "/usr/bin/python3", "tool.rsync": "/usr/bin/rsync"}
@@ -41,7 +43,8 @@ def _facts(case: dict) -> steps.Facts:
     config = HostConfig(**{"name": "gpu-a", "address": "10.0.0.1", **cfg})
     here = {"tree": CodeTree(Path("/src"), ("a.py", "b.py"), "c" * 64, 100), "revision": "abc123def456",
             "requirements": ["torch>=2.11", "pytest-timeout>=2"],
-            "scripts": {"install.py": b"# install", "token_check.py": b"# token"}, **case.get("here", {})}
+            "scripts": {"install.py": b"# install", "token_check.py": b"# token"},
+            "catalogue": read_catalogue(REPO), **case.get("here", {})}
     here["wheels"] = tuple(tuple(w) for w in here.get("wheels", ()))
     f = steps.Facts(config, steps.Here(**here))
     f.probe = case.get("probe", DEFAULT_PROBE)
@@ -89,6 +92,9 @@ def test_step_fixture(name):
                 if key == "contains":
                     for text in value:
                         assert text in op.command, f"{name}: {text!r} not in {op.command!r}"
+                elif key == "lacks":
+                    for text in value:
+                        assert text not in op.command, f"{name}: {text!r} in {op.command!r}"
                 elif key != "type":
                     assert getattr(op, key) == value, f"{name}: {type(op).__name__}.{key}"
     secret = case.get("secret_not_in_commands")

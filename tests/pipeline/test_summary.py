@@ -26,7 +26,8 @@ from pipeline.summary import Judge, finish_fleet, fleet_exit_code, junit_xml, re
 ROOT = Path(__file__).resolve().parents[2]
 REAL_REPORT = ROOT / "docs/reports/127.0.0.1_2222-20261125T131741Z.json"
 FAIL_DOC = Path(__file__).parent / "fixtures/parity/fail_h100_synthetic.json"
-GRAPHED = "decode.cuda_graph.flashcore_ms"
+GRAPHED = "llama-3.1-8b.decode.cuda_graph.flashcore_ms"
+RATIO = "llama-3.1-8b.decode.cuda_graph.ratio"
 
 
 # ------------------------------------------------------------------------------------------------ JUnit checker
@@ -148,13 +149,14 @@ def test_nights_build_up_to_a_regression_at_the_top(tmp_path):
                                "02:17:00 UTC") and "1 failed" in lines[2] and "1 unreachable" in lines[2]
     assert md.index("## Regressions") < md.index("## Recap")
     assert f"- **h100-a gpu0: {GRAPHED} 9.962 vs 8.662 (+15%, 5.0 noise units): regression**" in md
-    assert "decode.cuda_graph.ratio" in md.split("## Recap")[0]
+    assert RATIO in md.split("## Recap")[0]
     row = next(ln for ln in lines if ln.startswith("| h100-a |"))
     assert "| PASSED | — |" in row and "**regression**" in row
     link = row.split("[report](")[1].split(")")[0]
     assert (reports / link).is_file() and not Path(link).is_absolute()
     spark = row.split("`")[1]
     assert len(spark) == 6 and spark[-1] == "█" and len(set(spark[:4])) == 1       # flat, then up
+    assert f"`{spark}` 9.96 (llama-3.1-8b) |" in row                              # the trend's model named
     assert "| lab-b | gpu0 NVIDIA H100 80GB HBM3 (GPU-4af987a7) | FAILED: parity | suite |" in md
     assert "| lab-b | gpu1 NVIDIA H100 80GB HBM3 (GPU-second-c) | PASSED | — |" in md      # judged apart
     assert "| lab-c | no GPU known | UNREACHABLE | connect | 10.2 | — | — | — |" in md
@@ -165,7 +167,8 @@ def test_nights_build_up_to_a_regression_at_the_top(tmp_path):
     a_row = doc["rows"][0]
     assert a_row["judgement"] == "regression" and a_row["trend"][-1] == pytest.approx(8.662377312500524 * 1.15)
     fatal = {f["metric"] for f in a_row["findings"] if f["label"] == "regression"}
-    assert fatal == {GRAPHED, "decode.cuda_graph.ratio"}
+    assert fatal == {GRAPHED, RATIO}
+    assert a_row["trend_metric"] == GRAPHED and a_row["trend_model"] == "llama-3.1-8b"
 
     assert parse_target_file(Path(last.paths["rerun"]).read_text()) == ["lab-b", "lab-c"]
     assert step_summary.read_text().count("# flashcore nightly — nightly:") == 6     # appended each night
