@@ -8,6 +8,8 @@ so the common int/None case allocates nothing and stays free of host syncs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -106,6 +108,28 @@ class CompiledLaunch:
 def current_stream(device_index: int) -> int:
     """The raw handle of the current CUDA stream of a device (what triton's launcher takes)."""
     return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def kept_buffer(make: Callable[[], torch.Tensor], stream: int | None = None) -> torch.Tensor:
+    """A buffer kept across calls (a workspace, zeroed tickets), allocated where no CUDA graph pool can claim it.
+
+    torch.compile's CUDA-graph trees warm a function up eagerly with every allocation of the calling *thread* routed
+    to the graph's private pool (`_cuda_beginAllocateCurrentThreadToPool`); a tensor kept from there and not
+    returned makes them fail ("tensor(s) in the cudagraph pool not tracked as outputs"), and would be overwritten by
+    later replays. So on a GPU `make` runs on a short-lived thread (the general pool, the device's default stream),
+    which is then synchronised; `stream` (the raw handle of the stream that uses the buffer) is recorded on it so
+    the caching allocator never hands its memory out while that stream may still read it."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_make_synchronised, make, stream).result()
+
+
+def _make_synchronised(make: Callable[[], torch.Tensor], stream: int | None) -> torch.Tensor:
+    t = make()
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+        if stream is not None:
+            t.record_stream(torch.cuda.ExternalStream(stream, device=t.device))
+    return t
 
 
 def is_capturing() -> bool:

@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from flashcore.ops._common import (LOG2E, CompiledLaunch, check_qkv, current_stream, default_scale, is_capturing,
-                                   split_row_arg, use_custom_op)
+                                   kept_buffer, split_row_arg, use_custom_op)
 
 
 @triton.jit
@@ -240,7 +240,7 @@ def _reserve_arena(device: torch.device) -> None:
     if arena is None or arena[1] > _ARENA_TICKETS // 2:
         if arena is not None:
             _FULL_ARENAS.append(arena[0])
-        _ARENAS[device.index] = [torch.zeros(_ARENA_TICKETS, dtype=torch.int32, device=device), 0]
+        _ARENAS[device.index] = [kept_buffer(lambda: torch.zeros(_ARENA_TICKETS, dtype=torch.int32, device=device)), 0]
 
 
 def _captured_tickets(device: torch.device, count: int) -> torch.Tensor:
@@ -307,11 +307,14 @@ class _DecodePlan:
             return part, _captured_tickets(self.device, self.n_tickets)
         ws = self.eager.get(stream)
         if ws is None:
-            ws = (torch.empty(self.n_part, dtype=torch.float32, device=self.device),
-                  torch.zeros(self.n_tickets, dtype=torch.int32, device=self.device))
-            self.eager[stream] = ws
-            if self.on_gpu:
+            part = lambda: torch.empty(self.n_part, dtype=torch.float32, device=self.device)  # noqa: E731
+            tickets = lambda: torch.zeros(self.n_tickets, dtype=torch.int32, device=self.device)  # noqa: E731
+            if self.on_gpu:  # kept across calls: out of any CUDA graph pool (torch.compile's warm-up)
+                ws = (kept_buffer(part, stream), kept_buffer(tickets, stream))
                 _reserve_arena(self.device)
+            else:
+                ws = (part(), tickets())
+            self.eager[stream] = ws
         return ws
 
     def __call__(self, q, k, v, kv_lens: torch.Tensor, kv_start: torch.Tensor | None) -> torch.Tensor:
