@@ -11,8 +11,8 @@ Remote layout under the workspace WS (absolute, resolved from the probe's $HOME)
 from __future__ import annotations
 
 import fnmatch
-import functools
 import json
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 
@@ -67,19 +67,9 @@ class Excludes:
         return False
 
 
-@functools.lru_cache(maxsize=8)
-def _excludes(patterns: tuple[str, ...]) -> Excludes:
-    return Excludes(patterns)
-
-
-def is_excluded(relpath: str, is_dir: bool, patterns: Sequence[str] = SYNC_EXCLUDES) -> bool:
-    """Whether `relpath` (POSIX, relative to the synced root) is excluded by `patterns` (see `Excludes`)."""
-    return _excludes(tuple(patterns))(relpath, is_dir)
-
-
 def anchored_pattern(relpath: str) -> str:
     """A path relative to the synced root (a trailing "/": a directory) as an anchored exclude pattern that means
-    that path alone to rsync and to `is_excluded`: wildcard characters in names become one-character classes
+    that path alone to rsync and to `Excludes`: wildcard characters in names become one-character classes
     (`[*]`), which both read as the character itself; a backslash beside them (rsync would take it as an escape)
     becomes `?`, which matches it and any other one character of a name."""
     if any(c in relpath for c in "*?["):
@@ -155,17 +145,29 @@ def gpu_query_command() -> str:
 
 
 def rsync_argv(src_dir: str, dest: str, ssh_command: str | None,
-               excludes: Sequence[str] = SYNC_EXCLUDES, prepare: str | None = None) -> list[str]:
+               excludes: Sequence[str] = SYNC_EXCLUDES, prepare: str | None = None,
+               exclude_from: str | None = None) -> list[str]:
     """Local argv. `dest` is `user@host:/abs/ws` (remote) or a local path (--local); excluded paths on the
     destination (the venv, runtime files) are protected from --delete. `prepare`: a remote shell command run
-    first in the same SSH session (`--rsync-path`), saving a round trip."""
+    first in the same SSH session (`--rsync-path`), saving a round trip. `exclude_from`: a file that holds
+    `excludes` (`exclude_file_bytes`) instead of one argument each: a checkout's git-ignored paths can number
+    thousands, past the kernel's 128 KiB limit on the one `sh -c` argument the command travels in."""
     argv = ["rsync", "-rlt", "--delete", "--stats", "--itemize-changes"]
     if ssh_command:
         argv += ["-z", "-e", ssh_command]
         if prepare:
             argv += [f"--rsync-path={prepare} && rsync"]
-    argv += [f"--exclude={pat}" for pat in excludes]
+    if exclude_from:
+        argv += ["--from0", f"--exclude-from={exclude_from}"]
+    else:
+        argv += [f"--exclude={pat}" for pat in excludes]
     return argv + [src_dir.rstrip("/") + "/", dest.rstrip("/") + "/"]
+
+
+def exclude_file_bytes(excludes: Sequence[str]) -> bytes:
+    """The rsync exclude file of `rsync_argv(exclude_from=...)`: NUL-terminated patterns (`--from0`), so a path
+    with a line break stays one pattern."""
+    return b"".join(os.fsencode(pat) + b"\0" for pat in excludes)
 
 
 def read_base64_command(path: str) -> str:

@@ -173,8 +173,11 @@ class _Run:
             return res
         if isinstance(op, Rsync):
             dest, ssh = self.remote.rsync_target(op.workspace)
-            argv = commands.rsync_argv(op.source, dest, ssh, op.excludes, prepare=op.prepare)
-            res = LocalRemote(self.opts.cancel).run(shlex.join(argv), timeout=op.timeout)
+            with tempfile.NamedTemporaryFile(prefix="flashcore-excludes-") as excludes:
+                excludes.write(commands.exclude_file_bytes(op.excludes))
+                excludes.flush()
+                argv = commands.rsync_argv(op.source, dest, ssh, prepare=op.prepare, exclude_from=excludes.name)
+                res = LocalRemote(self.opts.cancel).run(shlex.join(argv), timeout=op.timeout)
             track.result = res
             return res
         if isinstance(op, PutTarball):
@@ -510,12 +513,16 @@ def describe_op(op, cfg: HostConfig, facts: Facts) -> list[str]:
     if isinstance(op, Run):
         return [f"$ {op.command}"] + ([f"    < stdin: {op.stdin_label}"] if op.stdin is not None else [])
     if isinstance(op, Rsync):
+        shown = 20
+        listing = [f"    EXCLUDES, written for this run ({len(op.excludes)} patterns, NUL-separated):",
+                   *(f"      {pat}" for pat in op.excludes[:shown])]
+        listing += [f"      ... {len(op.excludes) - shown} more"] if len(op.excludes) > shown else []
         if cfg.local:
-            return ["(here) $ " + shlex.join(commands.rsync_argv(op.source, op.workspace, None, op.excludes,
-                                                                 prepare=op.prepare))]
-        argv = commands.rsync_argv(op.source, f"{TARGET_ALIAS}:{op.workspace}", "ssh -F SSH_CONFIG", op.excludes,
-                                   prepare=op.prepare)
-        return ["(here) $ " + shlex.join(argv), "    SSH_CONFIG, written for this run:",
+            return ["(here) $ " + shlex.join(commands.rsync_argv(op.source, op.workspace, None, prepare=op.prepare,
+                                                                 exclude_from="EXCLUDES")), *listing]
+        argv = commands.rsync_argv(op.source, f"{TARGET_ALIAS}:{op.workspace}", "ssh -F SSH_CONFIG",
+                                   prepare=op.prepare, exclude_from="EXCLUDES")
+        return ["(here) $ " + shlex.join(argv), *listing, "    SSH_CONFIG, written for this run:",
                 *("      " + x for x in rsync_ssh_config(cfg).splitlines())]
     if isinstance(op, PutTarball):
         return [f"put <gzipped tar of {len(facts.here.tree.files)} files> -> {op.remote_path}"]

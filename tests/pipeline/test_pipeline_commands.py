@@ -23,7 +23,7 @@ from pipeline import commands as c
     ("reports", False, False),                # a FILE named reports is not the reports/ directory
 ])
 def test_sync_excludes(path, is_dir, excluded):
-    assert c.is_excluded(path, is_dir) is excluded
+    assert c.Excludes(c.SYNC_EXCLUDES)(path, is_dir) is excluded
 
 
 def test_expand_home_and_layout():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shlex
 import tarfile
 from pathlib import Path
 
@@ -123,3 +124,36 @@ def test_what_git_ignores_is_not_synced_and_rsync_sends_the_same_files(tmp_path)
     subprocess.run(argv, check=True, capture_output=True)
     sent = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert sent == sorted(kept)
+    assert _rsync_through_exclude_file(tree, tmp_path / "dest2") == sorted(kept)   # what the sync step runs
+
+
+def _rsync_through_exclude_file(tree, dest: Path) -> list[str]:
+    """rsync as the sync step runs it: the patterns in a NUL-separated file, the command through `sh -c`."""
+    from pipeline.remote import LocalRemote
+
+    excludes = dest.parent / f"{dest.name}.excludes"
+    excludes.write_bytes(commands.exclude_file_bytes(tree.excludes))
+    argv = commands.rsync_argv(str(tree.root), str(dest), None, exclude_from=str(excludes))
+    res = LocalRemote().run(shlex.join(argv), timeout=120)
+    assert res.exit_code == 0, res.stderr
+    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+
+
+def test_thousands_of_git_ignored_paths_sync_through_an_exclude_file(tmp_path):
+    """4,000 ignored logs in a tracked folder (and one with a line break in its name): as `--exclude` arguments
+    the command would pass the kernel's 128 KiB limit on one argument ("Argument list too long"); from a file
+    (`--from0 --exclude-from`) rsync sends exactly the tree's files."""
+    import subprocess
+
+    root = tmp_path / "src"
+    (root / "logs").mkdir(parents=True)
+    (root / "logs" / "keep.py").write_text("x = 1\n")
+    for i in range(4000):
+        (root / "logs" / f"run-{i:05d}-with-a-fairly-long-name.log").write_text("")
+    (root / "logs" / "two\nlines.log").write_text("")
+    (root / ".gitignore").write_text("*.log\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    tree = local.collect_tree(root)
+    assert len(tree.excludes) > 4000 and tree.files == (".gitignore", "logs/keep.py")
+    assert len(shlex.join(commands.rsync_argv(str(root), "/x", None, tree.excludes))) > 128 * 1024
+    assert _rsync_through_exclude_file(tree, tmp_path / "dest") == [".gitignore", "logs/keep.py"]
