@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline import local, report, slurm, summary
+from pipeline import local, parse, report, slurm, summary
 from pipeline.errors import (ConnectError, Interrupted, InventoryError, ParityFailure, PipelineError, StepError,
                              UsageError, overall_exit_code, signal_name)
 from pipeline.history import default_path
@@ -114,7 +114,7 @@ def resolve(flags: Flags, code_root: Path) -> Cluster | None:
     if flags.model:
         check_model(flags.model, presets)
     over = {"model": flags.model, "workspace": flags.workspace, "python": flags.python, "gpu": flags.require_gpu,
-            "wall_s": flags.timeout}
+            "wall_s": flags.timeout, "seed": flags.seed}
     cfg = entries[name].model_copy(update={k: v for k, v in over.items() if v is not None})
     if flags.local:
         cfg = cfg.model_copy(update={"login": None})
@@ -343,7 +343,8 @@ def write_task_reports(done: ArrayDone, login: HostRunResult, name: str,
             try:
                 opts.judge(res)
             except Exception as e:  # noqa: BLE001 - as in the runner: noted in the report, never lost
-                res.notes.append(f"the history's judgement failed unexpectedly ({type(e).__name__}: {e})")
+                why = parse.redact(str(e), [token] if token else [])
+                res.notes.append(f"the history's judgement failed unexpectedly ({type(e).__name__}: {why})")
         stem = reserve_stem(report_dir, f"{name}-{done.run.job_id}_{rec.task_id}", started)
         report.write(res, report_dir, stem, opts.template, [token] if token else [])
     return {f"{done.run.job_id}_{rec.task_id}" + (f" on {rec.node}" if rec.node else ""): res

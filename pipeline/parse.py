@@ -213,6 +213,24 @@ def model_not_loaded(doc: dict[str, Any] | None) -> str:
     return "; ".join(run.error or f"model {run.model.preset!r} did not load" for run in report.runs if not run.loaded)
 
 
+def parity_verdict(doc: dict[str, Any] | None) -> tuple[str, str]:
+    """What a parity document says, in the one order every reader applies (SSH hosts, Slurm tasks):
+    'failed' when a model that loaded disagrees with the reference (the kernels' fault, exit 1, even beside a
+    model that did not load), else 'not_loaded' when a model did not load (exit 5: the kernels never ran), else
+    'passed' or 'failed' as the document says; 'unreadable' when it is no parity document. The second item is
+    the one-line summary, or why the models did not load."""
+    report = parity_report(doc)
+    if report is None:
+        return "unreadable", "no parity results"
+    _, summary = summarize(doc)
+    if any(run.loaded and not run.passed for run in report.runs):
+        return "failed", summary
+    not_loaded = model_not_loaded(doc)
+    if not_loaded:
+        return "not_loaded", not_loaded
+    return ("passed" if report.passed else "failed"), summary
+
+
 def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str], install_script: bytes,
                       no_deps: list[str] = ()) -> str:
     """The key of a workspace venv: the dependency spec (with the pins installed without dependencies), the host

@@ -109,6 +109,7 @@ class SlurmConfig(BaseModel):
                                                   "built on it on the login node and the tasks run that venv "
                                                   "(default: the login host's python); the same path on the nodes")
     model: str | None = Field(None, description=f"default {DEFAULTS.model} on GPUs, {TINY} on CPU tasks")
+    seed: int | None = Field(None, ge=0, description="the suite's --parity-seed (None: its default, 0)")
     setup: list[str] = Field(default_factory=list, description="shell lines each task runs first (module load ...)")
     env: dict[str, str] = Field(default_factory=dict, description="for the Slurm commands and every task")
     max_parallel: int | None = Field(None, ge=1, description="array throttle: at most N tasks at once")
@@ -197,7 +198,7 @@ def suite_line(cfg: SlurmConfig) -> str:
     """The parity suite's command line (commands.pytest_argv, as on an SSH host), writing into "$task_dir"."""
     python = cfg.python or commands.layout(cfg.workspace)["venv_python"]
     argv = commands.pytest_argv(python, cfg.suite_model, f"{TASK_DIR}/parity.json", f"{TASK_DIR}/junit.xml",
-                                "cuda" if cfg.uses_gpu else "cpu")
+                                "cuda" if cfg.uses_gpu else "cpu", cfg.seed)
     return shlex.join(argv).replace(TASK_DIR, '"$task_dir"')
 
 
@@ -689,12 +690,12 @@ def task_verdict(rec: TaskRecord, parity: dict | None, ended_by: str, signum: in
         if stopped:
             return f"INTERRUPTED: never ran ({rec.state_at_cancel}{why})", 128 + stopped
         return f"NOT RUN: {rec.state_at_cancel or rec.state}{why}", EXIT_STEP
-    passed, _ = parse.parity_summary(parity)
-    if parity is not None and parse.model_not_loaded(parity):
-        return "ERROR: model not loaded", EXIT_STEP
-    if passed is False:
+    verdict, _ = parse.parity_verdict(parity)     # the SSH hosts' order: a disagreeing model first
+    if verdict == "failed":
         return "FAILED: parity", EXIT_PARITY
-    if passed is True and rec.state == "COMPLETED" and rec.exit_code == 0:
+    if verdict == "not_loaded":
+        return "ERROR: model not loaded", EXIT_STEP
+    if verdict == "passed" and rec.state == "COMPLETED" and rec.exit_code == 0:
         return "PASSED", EXIT_OK
     if stopped:
         return "INTERRUPTED", 128 + stopped

@@ -155,6 +155,14 @@ def test_dry_run_prints_the_login_steps_and_the_sbatch_script(inv, capsys):
         assert words in out, words
 
 
+def test_seed_reaches_every_task(inv, capsys):
+    """--seed applies to a cluster as to SSH hosts (each task's suite gets --parity-seed), never silently dropped."""
+    assert cli.main(["--inventory", str(inv), "--target", "lab", "--local", "--dry-run", "--seed", "7"]) == 0
+    assert "--parity-seed 7" in capsys.readouterr().out
+    assert cli.main(["--inventory", str(inv), "--target", "lab", "--local", "--dry-run"]) == 0
+    assert "--parity-seed" not in capsys.readouterr().out
+
+
 def test_the_shipped_inventory_has_a_valid_cluster_example():
     from pipeline.inventory import load_inventory
 

@@ -201,6 +201,9 @@ def test_the_documented_inventory_entry_is_valid():
     (dict(state="FAILED", exit_code=1, ran=True), "fail_h100_synthetic", "finished", None, ("FAILED: parity", 1)),
     (dict(state="FAILED", exit_code=1, ran=True), "model_not_loaded", "finished", None,
      ("ERROR: model not loaded", 5)),   # the kernels never ran: not a parity failure (exit 1 means only that)
+    # one model's kernels disagree beside one that did not load: exit 1, as over SSH (suite.failed_beside_not_loaded)
+    (dict(state="FAILED", exit_code=1, ran=True), "fail_one_not_loaded_synthetic", "finished", None,
+     ("FAILED: parity", 1)),
 ])
 def test_task_verdicts(record, parity, ended_by, signum, expected):
     doc = json.loads((FIX.parent / "parity" / f"{parity}.json").read_text()) if parity else None
