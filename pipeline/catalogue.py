@@ -46,7 +46,10 @@ class Catalogue:
     extras: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def names(self) -> tuple[str, ...]:
-        """Every model name besides hub ids (`default` first)."""
+        """Every model name besides hub ids (`default` first); empty when the checkout's catalogue could not be
+        read (then no name is refused here: the suite itself says what it does not know)."""
+        if not (self.presets or self.packaged):
+            return ()
         return (DEFAULT, *self.presets, *self.packaged)
 
     def expand(self, spec: str, device_kind: str) -> list[str]:

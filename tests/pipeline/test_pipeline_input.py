@@ -189,3 +189,15 @@ def test_version_list_hosts_and_dry_run(capsys, tmp_path):
 def test_empty_inventory_strings_are_refused(capsys, tmp_path):
     inv = _inventory(tmp_path, "hosts:\n  a: {address: h, workspace: ''}\n")
     _bad(["--inventory", str(inv), "--target", "a"], "hosts.a.workspace: empty", capsys, tmp_path)
+
+
+def test_model_names_are_checked_against_the_checkouts_catalogue_only_when_it_can_be_read(tmp_path):
+    """An unreadable catalogue (no flashcore/ there) refuses nothing up front: the suite says what it lacks."""
+    from pipeline.settings import UsageError, check_model, preset_names
+
+    assert preset_names(tmp_path) == ()
+    check_model("tiny,org/model", preset_names(tmp_path))
+    known = preset_names(REPO)
+    assert {"default", "tiny", "llama-3.1-8b", "smollm2-135m"} <= set(known)
+    with pytest.raises(UsageError, match="unknown model 'tinyy'"):
+        check_model("tinyy", known)
