@@ -303,12 +303,16 @@ def _convert(spec: PackagedModel, path: Path, into: Path) -> Path | None:
     if missing:
         raise ModelLoadError(f"model {spec.name!r} needs {' and '.join(missing)} to read its GGUF file (the "
                              f"optional extra '{spec.extra}'): {spec.install_hint()}")
-    tokenizer, model = _from_gguf(spec, path, torch.float32, "eager")
-    try:
+    try:                 # first: where nothing can be written, the GGUF file is read once, by the caller
         into.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{into.name}-", dir=into.parent))
     except OSError:
         return None
+    try:
+        tokenizer, model = _from_gguf(spec, path, torch.float32, "eager")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         with contextlib.redirect_stderr(io.StringIO()):   # transformers' progress bars
             model.save_pretrained(tmp)
