@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(go, debug)
 
 
-def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
+def execute_cluster(flags: Flags, target, argv: list[str], reproduce: str | None = None) -> int:
     """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
     job array through its login node, as a fleet runs: the history checked up front (--history, the inventory's
     `history:`, else REPORT_DIR/history.sqlite), the inventory's lock held, a line per task, the summary, the exit
@@ -326,7 +326,8 @@ def execute_cluster(flags: Flags, target, argv: list[str]) -> int:
     from pipeline.runner import RunOptions
     opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
                       template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
-                      code_root=local.find_code_root(), reproduce=shlex.join(["flashcore-deploy", *argv]))
+                      code_root=local.find_code_root(),
+                      reproduce=reproduce or shlex.join(["flashcore-deploy", *argv]))
     if flags.list_hosts or flags.dry_run:
         for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
             _say(line)

@@ -163,6 +163,23 @@ def test_seed_reaches_every_task(inv, capsys):
     assert "--parity-seed" not in capsys.readouterr().out
 
 
+def test_fab_validate_and_nightly_take_a_cluster_target_as_the_cli_does(inv):
+    import subprocess
+    import sys
+
+    fab = Path(sys.executable).parent / "fab"
+    if not fab.exists():
+        pytest.skip("fab (fabric) not installed in this environment")
+    listed = subprocess.run([str(fab), "validate", "--inventory", str(inv), "--target", "lab", "--list-hosts"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "lab\tSlurm via alice@10.0.0.5:2222\tpartition gpu" in listed.stdout
+    plan = subprocess.run([str(fab), "nightly", "--inventory", str(inv), "--target", "lab", "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "#SBATCH --array=0-3" in plan.stdout and "#SBATCH --gres=gpu:1" in plan.stdout
+
+
 def test_the_shipped_inventory_has_a_valid_cluster_example():
     from pipeline.inventory import load_inventory
 
