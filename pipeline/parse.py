@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flashcore.parity.results import ParityReport, SchemaError, summarize
+from flashcore.parity.results import ParityReport, SchemaError, summarize, summary_line
 from pipeline.commands import RESULT_MARKER
 from pipeline.inventory import GpuSpec, describe_gpu_requirement
 from pipeline.results import GpuInfo, GpuProcess
@@ -208,27 +208,27 @@ def model_not_loaded(doc: dict[str, Any] | None) -> str:
     """Why the suite's models did not load ('' when every one did), from each run's typed `loaded` / `error`
     (a /1 document's wording is mapped to them by the reader). Not a parity failure: the kernels never ran."""
     report = parity_report(doc)
-    if report is None:
-        return ""
+    return _not_loaded(report) if report is not None else ""
+
+
+def _not_loaded(report: ParityReport) -> str:
     return "; ".join(run.error or f"model {run.model.preset!r} did not load" for run in report.runs if not run.loaded)
 
 
-def parity_verdict(doc: dict[str, Any] | None) -> tuple[str, str]:
-    """What a parity document says, in the one order every reader applies (SSH hosts, Slurm tasks):
-    'failed' when a model that loaded disagrees with the reference (the kernels' fault, exit 1, even beside a
-    model that did not load), else 'not_loaded' when a model did not load (exit 5: the kernels never ran), else
-    'passed' or 'failed' as the document says; 'unreadable' when it is no parity document. The second item is
-    the one-line summary, or why the models did not load."""
-    report = parity_report(doc)
+def parity_verdict(report: ParityReport | None) -> tuple[str, str]:
+    """What a typed parity document (`parity_report`; None: there was none) says, in the one order every reader
+    applies (SSH hosts, Slurm tasks): 'failed' when a model that loaded disagrees with the reference (the kernels'
+    fault, exit 1, even beside a model that did not load), else 'not_loaded' when a model did not load (exit 5:
+    the kernels never ran), else 'passed' or 'failed' as the document says; 'unreadable' when there is none. The
+    second item is the one-line summary, or why the models did not load."""
     if report is None:
         return "unreadable", "no parity results"
-    _, summary = summarize(doc)
     if any(run.loaded and not run.passed for run in report.runs):
-        return "failed", summary
-    not_loaded = model_not_loaded(doc)
+        return "failed", summary_line(report)
+    not_loaded = _not_loaded(report)
     if not_loaded:
         return "not_loaded", not_loaded
-    return ("passed" if report.passed else "failed"), summary
+    return ("passed" if report.passed else "failed"), summary_line(report)
 
 
 def install_spec_hash(reqs: list[str], python: str, wheel_names: list[str], install_script: bytes,

@@ -690,7 +690,7 @@ def task_verdict(rec: TaskRecord, parity: dict | None, ended_by: str, signum: in
         if stopped:
             return f"INTERRUPTED: never ran ({rec.state_at_cancel}{why})", 128 + stopped
         return f"NOT RUN: {rec.state_at_cancel or rec.state}{why}", EXIT_STEP
-    verdict, _ = parse.parity_verdict(parity)     # the SSH hosts' order: a disagreeing model first
+    verdict, _ = parse.parity_verdict(parse.parity_report(parity))   # the SSH hosts' order: a disagreeing model first
     if verdict == "failed":
         return "FAILED: parity", EXIT_PARITY
     if verdict == "not_loaded":

@@ -602,10 +602,10 @@ def _suite_error(f: Facts, res: CommandResult, doc: dict | None) -> PipelineErro
     if doc is None:
         return StepError(f"suite crashed (exit {res.exit_code}) without writing its results JSON")
     try:
-        ParityReport.from_dict(doc)                   # the typed contract: every field checked
+        report = ParityReport.from_dict(doc)          # the typed contract: every field checked
     except SchemaError as e:
         return StepError(f"suite results do not match {PARITY_SCHEMA}: {e}")
-    verdict, detail = parse.parity_verdict(doc)
+    verdict, detail = parse.parity_verdict(report)
     if verdict == "failed":                           # a model's kernels ran and disagree: exit 1
         return ParityFailure(f"parity failed: {detail}")
     if verdict == "not_loaded":                       # not the kernels' fault: exit 5, never 1

@@ -317,7 +317,12 @@ def summarize(data: Any) -> tuple[bool | None, str]:
         report = ParityReport.from_dict(data)
     except SchemaError as exc:
         return None, f"unreadable parity document ({exc})"
-    return report.passed, "; ".join(run_line(run) for run in report.runs) or "no model ran"
+    return report.passed, summary_line(report)
+
+
+def summary_line(report: ParityReport) -> str:
+    """One line for every model run of a typed document (summarize's line)."""
+    return "; ".join(run_line(run) for run in report.runs) or "no model ran"
 
 
 def run_line(run: ModelRun) -> str:
