@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from flashcore.ops._common import (LOG2E, CompiledLaunch, check_qkv, current_stream, default_scale, is_capturing,
-                                   kept_buffer, split_row_arg, use_custom_op)
+from flashcore.ops._common import (LOG2E, CompiledLaunch, check_qkv, current_stream, default_scale, empty_bhsd,
+                                   is_capturing, kept_buffer, split_row_arg, use_custom_op)
 
 
 @triton.jit
@@ -387,7 +387,7 @@ _decode_op = torch.library.custom_op("flashcore::decode_attention", mutates_args
 @_decode_op.register_fake
 def _decode_fake(q, k_cache, v_cache, kv_lens, kv_start, kv_start_int, sm_scale, num_splits):
     batch, hq, _, d = q.shape
-    return q.new_empty(batch, 1, hq, d).transpose(1, 2)
+    return empty_bhsd(batch, hq, 1, d, q)
 
 
 def _row_tensor(what: str, value, batch: int, default: int, device) -> tuple[torch.Tensor | None, int]:
@@ -428,8 +428,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if plan is not None:  # the same shapes, strides, dtypes, devices and options passed the checks before
         return plan(q, k_cache, v_cache, kv_lens, kv_start if isinstance(kv_start, torch.Tensor) else None)
     lens_t, start_t, start_i = _checked(q, k_cache, v_cache, kv_lens, kv_start, num_splits)
-    if not kv_lens.is_contiguous() or (start_t is not None and not kv_start.is_contiguous()):
-        key = None  # copied row tensors: checked (and copied) again on every call
+    if key is not None and (not kv_lens.is_contiguous() or (start_t is not None and not kv_start.is_contiguous())):
+        key = ("copied rows",) + key  # the plan is kept, under a key the fast path above never finds: such calls
+        #                               are checked (their row tensors copied) every time, then reuse the plan
     plan = _plan(key, lambda: _DecodePlan(q, k_cache, v_cache, start_t is not None, start_i,
                                           default_scale(sm_scale, q.shape[3]), num_splits or 0))
     return plan(q, k_cache, v_cache, lens_t, start_t)

@@ -122,6 +122,24 @@ def test_plan_is_reused_and_bad_inputs_still_fail(device):
     assert len(decode_mod._PLANS) == 2
 
 
+def test_strided_row_tensors_are_copied_every_call_but_keep_their_plan(device):
+    # kv_lens / kv_start as strided views: the kernel reads row b at offset b, so each call copies them (the fast
+    # path never takes such a call), and the plan built for them is reused, not rebuilt per call.
+    q, k, v = qkv(2, 8, 2, 1, 96, 64, dtype=torch.float32, device=device, seed=44)
+    lens = torch.tensor([[96, 0], [5, 0]], device=device, dtype=torch.int32)[:, 0]
+    start = torch.tensor([[3, 0], [1, 0]], device=device, dtype=torch.int32)[:, 0]
+    assert not lens.is_contiguous() and not start.is_contiguous()
+    decode_mod._PLANS.clear()
+    want = decode_attention(q, k, v, lens.contiguous(), kv_start=start.contiguous())
+    plans = dict(decode_mod._PLANS)
+    for _ in range(3):
+        assert torch.equal(decode_attention(q, k, v, lens, kv_start=start), want)
+    assert len(decode_mod._PLANS) == 2                       # the contiguous call's plan + one for the strided rows
+    (strided,) = [p for key, p in decode_mod._PLANS.items() if key not in plans]
+    decode_attention(q, k, v, lens, kv_start=start)
+    assert strided in decode_mod._PLANS.values() and len(decode_mod._PLANS) == 2
+
+
 def test_tickets_are_back_to_zero_after_each_call(device):
     # The last program of each (row, KV head) puts its ticket back: the next launch (or graph replay) starts at 0.
     q, k, v = qkv(3, 8, 2, 1, 300, 64, dtype=torch.float16, device=device, seed=43)
