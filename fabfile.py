@@ -25,8 +25,8 @@ from fabric import task
 from invoke import Task
 from invoke.exceptions import Exit
 
-from pipeline import cluster, errors
-from pipeline.cli import execute, execute_cluster, guarded, make_flags, quiet_libraries, version_line
+from pipeline import errors
+from pipeline.cli import execute, execute_selected, guarded, make_flags, quiet_libraries, version_line
 from pipeline.local import find_code_root
 from pipeline.settings import Flags, HostConfig, fabric_layer, resolve
 
@@ -124,12 +124,8 @@ def validate(c, model=None, seed=None, require_gpu=None, python=None, workspace=
 
 def _run(raw: dict, debug: bool) -> int:
     def go() -> int:
-        flags = make_flags(**raw)
         line = shlex.join(["fab", *sys.argv[1:]])
-        target = cluster.resolve(flags, find_code_root())        # a Slurm cluster of the inventory, as the CLI
-        if target is not None:
-            return execute_cluster(flags, target, [], reproduce=line)
-        return execute(flags, resolve(flags, find_code_root()), lambda cfg: line)
+        return execute_selected(make_flags(**raw), lambda cfg, many: line)
     return guarded(go, debug)
 
 

@@ -158,8 +158,10 @@ def version_line() -> str:
             f"paramiko {paramiko.__version__})")
 
 
-def _reproduce(argv: list[str], cfg: HostConfig, many: bool) -> str:
-    """The command line that re-runs this host alone."""
+def _reproduce(argv: list[str], cfg: HostConfig | None, many: bool) -> str:
+    """The command line that re-runs this host alone (None: the command line as given)."""
+    if cfg is None:
+        return shlex.join(["flashcore-deploy", *argv])
     args, out, skip = list(argv), [], False
     for x in args:
         if skip:
@@ -273,7 +275,7 @@ def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConf
         _, outcome = fleet.run_fleet(hosts, make_opts, fo, cancel, view)
     for kind, path in outcome.paths.items():
         _say(f"summary {kind}: {path}")
-    return fleet.fleet_exit_code(outcome, cancel)
+    return fleet.fleet_exit_code(outcome.exit_code, cancel)
 
 
 def guarded(fn: Callable[[], int], debug: bool) -> int:
@@ -303,18 +305,24 @@ def main(argv: list[str] | None = None) -> int:
             _say(version_line())
             return errors.EXIT_OK
         raw = {k: v for k, v in vars(a).items() if k != "version"}
-        flags = make_flags(**raw)
-        if flags.inventory or flags.target:   # a target may be a Slurm cluster of the inventory
-            from pipeline import cluster
-            if (target := cluster.resolve(flags, local.find_code_root())) is not None:
-                return execute_cluster(flags, target, argv)
-        hosts = resolve(flags, local.find_code_root())
-        return execute(flags, hosts, lambda cfg: _reproduce(argv, cfg, len(hosts) > 1))
+        return execute_selected(make_flags(**raw), lambda cfg, many: _reproduce(argv, cfg, many))
 
     return guarded(go, debug)
 
 
-def execute_cluster(flags: Flags, target, argv: list[str], reproduce: str | None = None) -> int:
+def execute_selected(flags: Flags, reproduce: Callable[[HostConfig | None, bool], str]) -> int:
+    """What the flags select (flashcore-deploy and fab alike): a Slurm cluster of the inventory as one job array,
+    else its hosts. `reproduce(cfg, many)`: the command line that re-runs host `cfg` (None: the whole cluster)."""
+    code_root = local.find_code_root()
+    if flags.inventory or flags.target:   # a target may be a Slurm cluster of the inventory
+        from pipeline import cluster
+        if (target := cluster.resolve(flags, code_root)) is not None:
+            return execute_cluster(flags, target, reproduce(None, False))
+    hosts = resolve(flags, code_root)
+    return execute(flags, hosts, lambda cfg: reproduce(cfg, len(hosts) > 1))
+
+
+def execute_cluster(flags: Flags, target, reproduce: str) -> int:
     """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
     job array through its login node, as a fleet runs: the history checked up front (--history, the inventory's
     `history:`, else REPORT_DIR/history.sqlite), the inventory's lock held, a line per task, the summary, the exit
@@ -322,12 +330,11 @@ def execute_cluster(flags: Flags, target, argv: list[str], reproduce: str | None
     from dataclasses import replace
 
     from pipeline import cluster
-    from pipeline.fleet import finished_lines
+    from pipeline.fleet import finished_lines, fleet_exit_code
     from pipeline.runner import RunOptions
     opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
                       template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
-                      code_root=local.find_code_root(),
-                      reproduce=reproduce or shlex.join(["flashcore-deploy", *argv]))
+                      code_root=local.find_code_root(), reproduce=reproduce)
     if flags.list_hosts or flags.dry_run:
         for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
             _say(line)
@@ -343,7 +350,7 @@ def execute_cluster(flags: Flags, target, argv: list[str], reproduce: str | None
         if err:
             _err(err)
     _say(f"summary: {out.summary['md']} (exit {out.exit_code})")
-    return errors.overall_exit_code([out.exit_code] + ([128 + cancel.signum] if cancel.is_set() else []))
+    return fleet_exit_code(out.exit_code, cancel)
 
 
 def entry() -> None:

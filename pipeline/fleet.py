@@ -306,5 +306,6 @@ def _finished(view: PlainView, res: HostRunResult, report_dir: str) -> None:
         view.error(err)
 
 
-def fleet_exit_code(outcome: FleetOutcome, cancel: Cancel) -> int:
-    return errors.overall_exit_code([outcome.exit_code] + ([128 + cancel.signum] if cancel.signum else []))
+def fleet_exit_code(exit_code: int, cancel: Cancel) -> int:
+    """A fleet's (or a cluster's) exit code, with the signal that stopped it (128 + its number) where one did."""
+    return errors.overall_exit_code([exit_code] + ([128 + cancel.signum] if cancel.signum else []))
