@@ -30,6 +30,17 @@ _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL", re.IGNORECA
 _CC = re.compile(r"^\d+\.\d+$")
 
 
+def check_env_names(env: dict[str, str] | None) -> dict[str, str] | None:
+    """An inventory's `env:` (a host's, a cluster's): variable names only, and none that looks like a secret."""
+    for key in env or {}:
+        if _SECRET_NAME.search(key):
+            raise ValueError(f"{key} looks like a secret; secrets never go in the inventory "
+                             "(the HF token is read from the local environment or HF cache)")
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ValueError(f"{key!r} is not a valid environment variable name")
+    return env
+
+
 class GpuSpec(BaseModel):
     """What a host's GPUs must satisfy. `name` is a case-insensitive substring of nvidia-smi's name."""
 
@@ -132,13 +143,7 @@ class HostSettings(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        for key in v or {}:
-            if _SECRET_NAME.search(key):
-                raise ValueError(f"{key} looks like a secret; secrets never go in the inventory "
-                                 "(the HF token is read from the local environment or HF cache)")
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
-        return v
+        return check_env_names(v)
 
 
 class Host(HostSettings):

@@ -367,7 +367,8 @@ def _result(cfg: HostConfig, opts: RunOptions, started: datetime) -> HostRunResu
     return HostRunResult(host=cfg.name or cfg.label, address="localhost" if cfg.local else cfg.address,
                          port=0 if cfg.local else cfg.port, user=cfg.user, local=cfg.local, model=cfg.model,
                          require_gpu=describe_gpu_requirement(cfg.gpu),
-                         started_at=started.isoformat(timespec="seconds"), reproduce=opts.reproduce)
+                         started_at=started.isoformat(timespec="seconds"), reproduce=opts.reproduce,
+                         gpus_selected=list(cfg.gpus) if cfg.gpus is not None else None)
 
 
 def _run_steps(run: _Run, facts: Facts, result: HostRunResult) -> tuple[PipelineError | None, str]:
@@ -436,7 +437,6 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
         result.model, result.device, result.workspace = facts.model, facts.device, facts.workspace
         result.gpus, result.versions, result.sync, result.parity = facts.gpus, facts.versions, facts.sync, facts.parity
         result.suites, result.notes = facts.suites, facts.notes
-    result.gpus_selected = list(cfg.gpus) if cfg.gpus is not None else None
     result.notes += (run.remote.notes if run.remote else []) + run.notes
     result.left_behind, result.artifacts = run.left_behind, dict(run.artifacts)
     result.verdict, result.exit_code = verdict_for(error, failed_step, "suite" in opts.skip)
@@ -461,7 +461,6 @@ def unknown_result(cfg: HostConfig, opts: RunOptions, why: str) -> HostRunResult
     error = UnknownError(why)
     result.verdict, result.exit_code = verdict_for(error, "", False)
     result.error = str(error)
-    result.gpus_selected = list(cfg.gpus) if cfg.gpus is not None else None
     result.notes = ["The state of this host is not known: see the run's output. Whatever it left running there, "
                     "the workspace lock's holder kills and removes when this run's connection closes."]
     result.finished_at = started.isoformat(timespec="seconds")

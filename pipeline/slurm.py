@@ -44,6 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline import commands, parse
 from pipeline.errors import EXIT_GPU, EXIT_OK, EXIT_PARITY, EXIT_STEP, StepError
+from pipeline.inventory import check_env_names
+from pipeline.remote import CommandResult
 from pipeline.settings import DEFAULTS
 from pipeline.results import GpuInfo, HostRunResult, StepResult
 
@@ -64,7 +66,6 @@ _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+
                          r"|UNLIMITED|INFINITE)$")
 _OWN_OPTIONS = ("--array", "-a", "--output", "-o", "--error", "-e", "--parsable", "--hold", "-H", "--job-name",
                 "-J", "--wrap")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL", re.IGNORECASE)
 
 
 class SlurmError(StepError):
@@ -72,7 +73,7 @@ class SlurmError(StepError):
 
 
 class Runner(Protocol):
-    def run(self, command: str, *, timeout: float) -> Any: ...   # -> CommandResult (exit_code, stdout, stderr)
+    def run(self, command: str, *, timeout: float) -> CommandResult: ...
 
 
 # ------------------------------------------------------------------------------------------------ the config
@@ -161,12 +162,7 @@ class SlurmConfig(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
-            if _SECRET_NAME.search(key):
-                raise ValueError(f"{key} looks like a secret; secrets never go in the inventory")
-        return v
+        return check_env_names(v)
 
     @model_validator(mode="after")
     def _poll(self) -> SlurmConfig:
@@ -476,10 +472,9 @@ class ArrayRun:
                 + ", ".join(f"{k} {v}" for k, v in sorted(states.items())) + f"); {self.ended_by}")
 
 
-def _check(res: Any, what: str) -> None:
-    if res.exit_code != 0 or getattr(res, "timed_out", False):
-        words = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise SlurmError(f"{what} failed (exit {res.exit_code}): {' / '.join(words) or 'no output'}")
+def _check(res: CommandResult, what: str) -> None:
+    if not res.ok:
+        raise SlurmError(f"{what} failed (exit {res.exit_code}): {parse.brief(res.stderr or res.stdout)}")
 
 
 def submit(runner: Runner, cfg: SlurmConfig, script: str, timeout: float = 120) -> ArrayRun:

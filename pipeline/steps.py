@@ -518,7 +518,11 @@ def plan_suite(f: Facts) -> list[Op]:
 
 def suite_deadline(f: Facts) -> float:
     """The local deadline: a little after the remote one (`timeout` plus its kill-after)."""
-    return f.cfg.suite_timeout + f.kill_after_s + 15
+    return _suite_limit(f.cfg.suite_timeout, f.kill_after_s)
+
+
+def _suite_limit(suite_timeout: float, kill_after_s: float) -> float:
+    return suite_timeout + kill_after_s + 15
 
 
 def conclude_suite(f: Facts, out: list) -> Outcome:
@@ -642,4 +646,4 @@ def host_deadline(cfg: HostConfig, kill_after_s: float = 10.0, connect_attempts:
     the suite's local deadline, the cleanup) plus two minutes for transfers. A fleet stops a host here."""
     c = cfg.connect_timeout
     return (connect_attempts * 3 * c + 3 + 30 + cfg.lock_timeout + c + 30 + 60 + Rsync("", "").timeout
-            + cfg.install_timeout + 120 + cfg.suite_timeout + kill_after_s + 15 + 60 + 3 * c + 120)
+            + cfg.install_timeout + 120 + _suite_limit(cfg.suite_timeout, kill_after_s) + 60 + 3 * c + 120)
