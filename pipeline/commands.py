@@ -100,11 +100,6 @@ def layout(workspace: str) -> dict[str, str]:
     }
 
 
-def pidfiles(lay: dict[str, str]) -> tuple[str, ...]:
-    """The process groups a run starts on the host under fixed names (each GPU's suite adds its own)."""
-    return lay["install_pid"], lay["token_pid"], lay["suite_pid"]
-
-
 def suite_paths(lay: dict[str, str], tag: str = "") -> tuple[str, str]:
     """(results folder, pidfile) of one suite process: `tag` "" = the one suite of a host without GPU (the
     folder and pidfile of old), "gpu0" ... = one GPU's."""

@@ -15,7 +15,6 @@ import shlex
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,8 +140,7 @@ def _connection(address: str, port: int, user: str, identities: tuple[str, ...],
     return conn
 
 
-def connect(cfg: HostConfig, cancel: Cancel | None = None,
-            say: Callable[[str], None] | None = None) -> tuple[object, list]:
+def connect(cfg: HostConfig, cancel: Cancel, say: Callable[[str], None] | None = None) -> tuple[object, list]:
     """(the target's open Fabric Connection, the open hop Connections), or a ConnectError. A transient failure
     (refused, reset, timed out, no banner) is tried again after each CONNECT_BACKOFF_S delay; authentication and
     host-key failures never are. `cancel` cuts the wait short; `say` tells of each retry."""
@@ -154,10 +152,8 @@ def connect(cfg: HostConfig, cancel: Cancel | None = None,
                 raise
             if say:
                 say(f"{e}; attempt {attempt} of {len(CONNECT_BACKOFF_S) + 1}, again in {delay:g} s")
-            if cancel is not None and cancel.wait(delay):
+            if cancel.wait(delay):
                 raise cancel.error("connect") from None
-            if cancel is None:
-                time.sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -32,7 +32,8 @@ def test_expand_home_and_layout():
     assert c.expand_home("/abs", "/root") == "/abs"
     lay = c.layout("/root/ws/")
     assert lay["venv_python"] == "/root/ws/.venv/bin/python" and lay["token"] == "/root/ws/.flashcore/hf_token"
-    assert c.pidfiles(lay) == tuple(f"/root/ws/.flashcore/{n}.pid" for n in ("install", "token", "suite"))
+    assert [lay[f"{n}_pid"] for n in ("install", "token", "suite")] == \
+        [f"/root/ws/.flashcore/{n}.pid" for n in ("install", "token", "suite")]
 
 
 def test_rsync_argv():
