@@ -23,7 +23,6 @@ from flashcore.integrations.compiled import with_compiled_blocks
 from flashcore.parity import decoding
 from flashcore.parity.results import Latency, LatencyRow
 
-_static_cache, _step_kwargs = decoding.static_cache, decoding.step_kwargs  # their names here before decoding had them
 
 
 @dataclass

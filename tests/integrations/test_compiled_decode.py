@@ -61,7 +61,7 @@ def test_compiled_blocks_give_the_models_logits(name, device):
 def test_compiled_blocks_in_a_cuda_graph_step():
     """Inductor on the GPU: a decode step captured in a CUDA graph with the compiled blocks, fed the tokens of plain
     eager static-cache decoding, replays to that decoding's logits (bf16: within 2% of the logit scale)."""
-    from flashcore.parity.latency import _static_cache, _step_kwargs
+    from flashcore.parity.decoding import static_cache as _static_cache, step_kwargs as _step_kwargs
     model = replace_llama_attention_with_flashcore(load_model("tiny", device="cuda", dtype=torch.bfloat16).model)
     prompt = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(1)).to("cuda")
     positions = torch.arange(40, device="cuda").view(1, -1)
