@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--compiled", action="store_true", help="also the graphed step with compiled blocks")
     parser.add_argument("--generate-compiled", action="store_true")
     parser.add_argument("--decode-table", help="a bench_attention.py --tune --json document: use its launch table")
     args = parser.parse_args(argv)
@@ -84,24 +83,9 @@ def main(argv=None) -> int:
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for row in latency.rows:
         print(f"{row.mode:<12}{fmt(row.flashcore_ms):>18}{fmt(row.sdpa_ms):>14}{fmt(row.speedup):>10}  {row.note}")
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.cache_len), generator=g).to("cuda")
-    if args.compiled:
-        from flashcore.integrations.compiled import with_compiled_blocks
-        from flashcore.parity.latency import time_cuda_graph
-        timer = with_compiled_blocks(time_cuda_graph)
-        for attn in (NAME, "sdpa"):
-            try:
-                start = time.perf_counter()
-                extra[f"cuda_graph_compiled_{attn}"] = timer(set_attention(model, attn), prompt, args.steps).ms_per_token
-                print(f"cuda_graph + compiled blocks {attn:<6} {extra[f'cuda_graph_compiled_{attn}']:.2f} ms/token "
-                      f"({time.perf_counter() - start:.0f} s with compiling)", flush=True)
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                extra[f"cuda_graph_compiled_{attn}"] = None
-                print(f"cuda_graph + compiled blocks {attn}: failed: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", flush=True)
-        set_attention(model, NAME)
     if args.generate_compiled:
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (1, args.cache_len), generator=g).to("cuda")
         for attn in (NAME, "eager"):
             try:
                 extra[f"generate_compiled_{attn}"] = generate_compiled_ms(set_attention(model, attn), prompt, args.steps)
