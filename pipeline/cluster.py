@@ -42,7 +42,7 @@ from pipeline.history import default_path
 from pipeline.inventory import Inventory, format_validation, load_inventory
 from pipeline.remote import Cancel, Remote
 from pipeline.results import HostRunResult, StepResult
-from pipeline.runner import RunOptions, plan_lines as _plan_lines, reserve_stem, run_host
+from pipeline.runner import RunOptions, plan_lines as _plan_lines, run_host
 from pipeline.settings import (Flags, HostConfig, check_flags, check_model, preset_names, resolve as resolve_hosts,
                                take_inventory_history, target_names)
 from pipeline.steps import STEPS, Call, Facts, Outcome, Step, is_hub_model
@@ -345,7 +345,7 @@ def write_task_reports(done: ArrayDone, login: HostRunResult, name: str,
             except Exception as e:  # noqa: BLE001 - as in the runner: noted in the report, never lost
                 why = parse.redact(str(e), [token] if token else [])
                 res.notes.append(f"the history's judgement failed unexpectedly ({type(e).__name__}: {why})")
-        stem = reserve_stem(report_dir, f"{name}-{done.run.job_id}_{rec.task_id}", started)
+        stem = report.reserve_stem(report_dir, f"{name}-{done.run.job_id}_{rec.task_id}", started)
         report.write(res, report_dir, stem, opts.template, [token] if token else [])
     return {f"{done.run.job_id}_{rec.task_id}" + (f" on {rec.node}" if rec.node else ""): res
             for res, rec in zip(done.tasks, done.records)}

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,32 @@ import jinja2
 
 from flashcore.parity.results import ParityReport
 from pipeline import parse
-from pipeline.errors import EXIT_OK, EXIT_STEP, UsageError
+from pipeline.errors import EXIT_OK, EXIT_STEP, StepError, UsageError
 from pipeline.results import HostRunResult, StepResult, SuiteRun
+
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES / "report.md.j2"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "host"
+
+
+def reserve_stem(report_dir: Path, host: str, started: datetime) -> str:
+    """<host>-<UTC time>, claimed by creating its .json exclusively: two runs of one host within a second (or in
+    two threads) never share a report."""
+    base = f"{_slug(host)}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        stem = base if n == 1 else f"{base}-{n}"
+        try:
+            with open(report_dir / f"{stem}.json", "x"):
+                return stem
+        except FileExistsError:
+            continue
+    raise StepError(f"{report_dir}: no free report name for {base}")
+
 
 
 def _num(value: Any, digits: int = 3) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -96,25 +95,6 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "host"
-
-
-def reserve_stem(report_dir: Path, host: str, started: datetime) -> str:
-    """<host>-<UTC time>, claimed by creating its .json exclusively: two runs of one host within a second (or in
-    two threads) never share a report."""
-    base = f"{_slug(host)}-{started.strftime('%Y%m%dT%H%M%SZ')}"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        stem = base if n == 1 else f"{base}-{n}"
-        try:
-            with open(report_dir / f"{stem}.json", "x"):
-                return stem
-        except FileExistsError:
-            continue
-    raise StepError(f"{report_dir}: no free report name for {base}")
 
 
 @dataclass
@@ -420,7 +400,7 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
     report_dir = Path(opts.report_dir)
     facts, stem = None, ""
     try:
-        stem = reserve_stem(report_dir, result.host, started)
+        stem = report.reserve_stem(report_dir, result.host, started)
         run.art_dir = report_dir / stem
         facts = _gather(run, started)
         error, failed_step = _run_steps(run, facts, result)
@@ -465,7 +445,7 @@ def unknown_result(cfg: HostConfig, opts: RunOptions, why: str) -> HostRunResult
                     "the workspace lock's holder kills and removes when this run's connection closes."]
     result.finished_at = started.isoformat(timespec="seconds")
     try:
-        stem = reserve_stem(Path(opts.report_dir), result.host, started)
+        stem = report.reserve_stem(Path(opts.report_dir), result.host, started)
         report.write(result, Path(opts.report_dir), stem, opts.template)
     except (OSError, StepError) as e:
         result.notes.append(f"its report could not be written ({e})")

@@ -35,6 +35,7 @@ from pipeline import errors
 from pipeline.gpu_result import GpuResult, gpu_results
 from pipeline.history import HistoryStore, default_path
 from pipeline.regression import Assessment, FleetShift, assess, fleet_shifts
+from pipeline.report import reserve_stem
 from pipeline.results import HostRunResult
 
 SUMMARY_SCHEMA = "flashcore.fleet-summary/1"
@@ -204,15 +205,6 @@ def junit_xml(doc: Mapping[str, Any]) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _stem(report_dir: Path, started: datetime) -> str:
-    stem = base = f"summary-{started.strftime('%Y%m%dT%H%M%SZ')}"
-    n = 1
-    while (report_dir / f"{stem}.json").exists():   # two fleet runs within a second: never overwrite
-        n += 1
-        stem = f"{base}-{n}"
-    return stem
-
-
 def write_summary(doc: Mapping[str, Any], report_dir: Path, environ: Mapping[str, str] | None = None,
                   template: str | Path | None = None) -> dict[str, str]:
     """The files (and $GITHUB_STEP_SUMMARY); returns their paths by kind."""
@@ -303,7 +295,7 @@ def finish_fleet(host_results: Sequence[HostRunResult], report_dir: str | Path, 
     pasts = [p for j in judged for p in j.pasts]
     assessments = [a for j in judged for a in j.assessments]
     shifts = fleet_shifts(assessments)
-    stem = _stem(report_dir, started) if summary else ""
+    stem = reserve_stem(report_dir, "summary", started) if summary else ""   # never overwrites another
     with HistoryStore(judge.path) as store:
         doc = build_summary(results, assessments, pasts, shifts, report_dir=report_dir, stem=stem,
                             started_at=started.isoformat(), finished_at=now.isoformat(), target=target,
