@@ -35,14 +35,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline import local, parse, report, slurm, summary
+from pipeline import local, report, slurm, summary
 from pipeline.errors import (ConnectError, Interrupted, InventoryError, ParityFailure, PipelineError, StepError,
                              UsageError, overall_exit_code, signal_name)
 from pipeline.history import default_path
 from pipeline.inventory import Inventory, format_validation, load_inventory
 from pipeline.remote import Cancel, Remote
 from pipeline.results import HostRunResult, StepResult
-from pipeline.runner import RunOptions, plan_lines as _plan_lines, run_host
+from pipeline.runner import RunOptions, guarded, plan_lines as _plan_lines, run_host
 from pipeline.settings import (Flags, HostConfig, check_flags, check_model, preset_names, resolve as resolve_hosts,
                                take_inventory_history, target_names)
 from pipeline.steps import STEPS, Call, Facts, Outcome, Step, is_hub_model
@@ -340,11 +340,7 @@ def write_task_reports(done: ArrayDone, login: HostRunResult, name: str,
                          f"{login.artifacts.get('report_md', '-')}.")
         res.artifacts = _task_artifacts(Path(rec.task_dir), report_dir, done.run.job_dir, rec.task_id)
         if opts.judge is not None:
-            try:
-                opts.judge(res)
-            except Exception as e:  # noqa: BLE001 - as in the runner: noted in the report, never lost
-                why = parse.redact(str(e), [token] if token else [])
-                res.notes.append(f"the history's judgement failed unexpectedly ({type(e).__name__}: {why})")
+            guarded(lambda: opts.judge(res), res.notes, "the history's judgement", [token] if token else [], opts)
         stem = report.reserve_stem(report_dir, f"{name}-{done.run.job_id}_{rec.task_id}", started)
         report.write(res, report_dir, stem, opts.template, [token] if token else [])
     return {f"{done.run.job_id}_{rec.task_id}" + (f" on {rec.node}" if rec.node else ""): res

@@ -412,7 +412,7 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
         error, failed_step = UnknownError(f"unexpected {type(e).__name__}: {e}"), "runner"
         _debug_traceback(opts)
     finally:
-        _guarded(run.cleanup, run.notes, run, "the cleanup")
+        guarded(run.cleanup, run.notes, "the cleanup", run.secrets, run.opts)
     if facts is not None:
         result.model, result.device, result.workspace = facts.model, facts.device, facts.workspace
         result.gpus, result.versions, result.sync, result.parity = facts.gpus, facts.versions, facts.sync, facts.parity
@@ -424,7 +424,7 @@ def run_host(cfg: HostConfig, opts: RunOptions) -> HostRunResult:
     result.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.duration_s = round(time.monotonic() - t0, 3)
     if opts.judge is not None:
-        _guarded(lambda: opts.judge(result), result.notes, run, "the history's judgement")
+        guarded(lambda: opts.judge(result), result.notes, "the history's judgement", run.secrets, opts)
     if stem:
         report.write(result, report_dir, stem, opts.template, run.secrets)
         step = result.step("report")
@@ -458,13 +458,14 @@ def _debug_traceback(opts: RunOptions) -> None:
         traceback.print_exc(file=sys.stderr)
 
 
-def _guarded(fn: Callable[[], None], notes: list[str], run: _Run, what: str) -> None:
-    """Run `fn`; an unexpected exception there is noted in the report (`notes`), never lost and never raised."""
+def guarded(fn: Callable[[], None], notes: list[str], what: str, secrets: list[str], opts: RunOptions) -> None:
+    """Run `fn`; an unexpected exception there is noted in the report (`notes`, `secrets` redacted), never lost
+    and never raised (a host's cleanup and judgement, a Slurm task's judgement)."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001
-        notes.append(f"{what} failed unexpectedly ({type(e).__name__}: {parse.redact(str(e), run.secrets)})")
-        _debug_traceback(run.opts)
+        notes.append(f"{what} failed unexpectedly ({type(e).__name__}: {parse.redact(str(e), secrets)})")
+        _debug_traceback(opts)
 
 
 # ------------------------------------------------------------------------------------------------- dry run
