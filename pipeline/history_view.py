@@ -51,15 +51,21 @@ def series_points(results: Sequence[GpuResult], metrics: Sequence[str], last: in
     by_key: dict[tuple[str, int | None, str], list[GpuResult]] = {}
     for r in results:
         by_key.setdefault((r.host, r.gpu_index, r.gpu_name), []).append(r)
-    points: list[Point] = []
+    keep: dict[tuple[str, str], list[tuple[list[GpuResult], int, str]]] = {}
     for runs in by_key.values():
         for i, r in enumerate(runs):
-            findings = {f.metric: f for f in assess(r, runs[:i]).findings}
-            points += [Point(r, m, findings.get(m)) for m in metrics if m in r.metrics]
-    keep: dict[tuple[str, str], list[Point]] = {}
-    for p in points:
-        keep.setdefault((p.series, p.metric), []).append(p)
-    kept = [p for ps in keep.values() for p in ps[-last:]]
+            for m in metrics:
+                if m in r.metrics:
+                    keep.setdefault((r.label, m), []).append((runs, i, m))
+    findings: dict[int, dict[str, Finding]] = {}     # only the kept results are judged (each against its past)
+
+    def point(runs: list[GpuResult], i: int, metric: str) -> Point:
+        r = runs[i]
+        if id(r) not in findings:
+            findings[id(r)] = {f.metric: f for f in assess(r, runs[:i]).findings}
+        return Point(r, metric, findings[id(r)].get(metric))
+
+    kept = [point(*k) for ks in keep.values() for k in ks[-last:]]
     return sorted(kept, key=lambda p: (p.metric, p.result.started_at, p.series))
 
 
