@@ -263,7 +263,8 @@ def generate_200(models: Models, cfg: SuiteConfig) -> Outcome:
     return _generate(models, cfg, cfg.gen_long, cfg.chunk_long)
 
 
-def _head_counts(model) -> tuple[int, int, int, int]:
+def head_counts(model) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head_dim) of a model's config."""
     c = model.config
     return (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
             getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
@@ -273,7 +274,7 @@ def _head_counts(model) -> tuple[int, int, int, int]:
           "cache bytes == 2*layers*Hkv*tokens*head_dim*elem (keys stored un-repeated), ratio == Hq/Hkv, flashcore "
           "kernels served every call (no fallback); logits: " + STEP_CRITERION)
 def gqa_memory(models: Models, cfg: SuiteConfig) -> Outcome:
-    layers, hq, hkv, head_dim = _head_counts(models.lowp)
+    layers, hq, hkv, head_dim = head_counts(models.lowp)
     prompt = models.prompts.ids(cfg.gen_prompt_len, key=7)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 8)
     targets = torch.randint(0, models.vocab, (1, cfg.memory_steps), generator=g).to(models.device)

@@ -34,7 +34,7 @@ from flashcore.parity import latency as latency_mod
 from flashcore.parity.prompts import Prompts
 from flashcore.parity.results import (Environment, Latency, Memory, ModelInfo, ModelRun, ParityReport, Sample,
                                       ScenarioResult)
-from flashcore.parity.scenarios import REGISTRY, Kernels, Models, SuiteConfig, chat_samples
+from flashcore.parity.scenarios import REGISTRY, Kernels, Models, SuiteConfig, chat_samples, head_counts
 
 GPU_MODELS = ("llama-3.1-8b", "smollm2-135m")
 CPU_MODELS = ("tiny",)
@@ -75,10 +75,9 @@ def model_info(name: str, loaded, dtype: torch.dtype) -> ModelInfo:
         return ModelInfo(preset=name, source=source, dtype=dtype_name, num_layers=0, num_heads=0, num_kv_heads=0,
                          head_dim=0, hidden_size=0, vocab_size=0, params=0)
     c = loaded.model.config
-    return ModelInfo(preset=name, source=loaded.source, dtype=dtype_name, num_layers=c.num_hidden_layers,
-                     num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-                     head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                     hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+    layers, heads, kv_heads, head_dim = head_counts(loaded.model)
+    return ModelInfo(preset=name, source=loaded.source, dtype=dtype_name, num_layers=layers, num_heads=heads,
+                     num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
                      params=sum(p.numel() for p in loaded.model.parameters()), weights=loaded.weights)
 
 
