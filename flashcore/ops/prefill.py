@@ -9,6 +9,8 @@ kv_start[b] <= j < kv_end[b] and (not causal or j <= q_offset[b] + i); rows with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -132,7 +134,8 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
                     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (unused)
                     NUM_STAGES: tl.constexpr,     # pipelining depth of the unmasked key loop
                     MASKED_STAGES: tl.constexpr,  # pipelining depth of the masked edge loops (1-2 blocks each)
-                    WARP_SPEC: tl.constexpr):     # warp-specialised unmasked loop (tl.range warp_specialize)
+                    WARP_SPEC: tl.constexpr,      # warp-specialised unmasked loop (tl.range warp_specialize)
+                    HEADS_FAST: tl.constexpr):    # grid (B * Hq, tiles): every head's heaviest tile first
     """One program = BLOCK_M queries of one (batch row, query head): FlashAttention-2 forward.
 
     For the queries i of the tile, O_i = sum_j softmax_j(q_i . k_j * sm_scale) v_j over allowed keys j, computed
@@ -142,9 +145,15 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
     a masked block at the left edge (kv_start, only when LEFT_PAD), unmasked full blocks, then masked blocks on
     the causal diagonal / right edge (kv_end). Rows with no allowed key keep l = 0 and store 0.
     """
-    # Heavy causal tiles (late queries) first: they see the most keys, so the grid tail is light.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Heavy causal tiles (late queries) first, so the grid's tail is light. HEADS_FAST puts the (row, head)
+    # index on grid axis 0, which the hardware walks first: every head's heaviest tile starts before any lighter
+    # one (longest-first scheduling), where axis-0 tiles would leave the last heads' heavy tiles for the tail.
+    if HEADS_FAST:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        pid_bh = tl.program_id(0)
+    else:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)  # 64-bit batch offsets: b * stride_b can pass 2**31 for big caches
     h = pid_bh % HQ
     kvh = h // GROUP
@@ -199,17 +208,41 @@ def _prefill_kernel(Q, K, V, KDesc, VDesc, Out, QOff, KVStart, KVEnd, q_off_int,
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < SQ)
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
-    """Tile sizes and launch parameters (fixed, no autotune: no syncs, predictable under graphs).
-    H100 sweeps: benchmarks/bench_attention.py --sweep, figures in docs/BENCHMARKS.md."""
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile sizes and launch parameters (fixed per dtype, head_dim and query length; no autotune: no syncs,
+    predictable under graphs). Sweeps: benchmarks/bench_attention.py --prefill-sweep, docs/BENCHMARKS.md."""
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3          # the unmasked key loop
+    masked_stages: int = 3       # the masked edge loops (1-2 blocks each)
+    use_tma: bool = False        # K/V through TMA descriptors (measured slower with triton 3.6: 331 vs 378 TFLOP/s)
+    warp_spec: bool = False      # tl.range(warp_specialize=True) for the unmasked loop (measured no faster)
+    heads_fast: bool = False     # grid (B * Hq, tiles) instead of (tiles, B * Hq); see _prefill_kernel
+
+
+CPU_PREFILL = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=1, masked_stages=1)
+GPU_PREFILL_FP32 = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2, masked_stages=1)
+# bf16 / fp16: per head_dim (another one takes the 128 entry) the first (most queries, config) with Sq <= most
+# queries. D 128 on the H200 (2026-11-28, B=1, GQA 32:8, same-run SDPA, docs/BENCHMARKS.md): at 2048 queries
+# 64-query tiles with heads first make 0.98x SDPA (128-query tiles: 0.77x tiles first, 0.92x heads first); at
+# 4096 and 8192 128-query tiles with heads first lead (0.90x / 0.86x vs 0.82x tiles first); at 16384 tiles first
+# is 2% ahead of heads first (all 8 KV heads' keys in flight at once no longer fit in L2).
+GPU_PREFILL: dict[int, tuple[tuple[int, PrefillConfig], ...]] = {
+    64: ((2**62, PrefillConfig(num_warps=4)),),
+    128: ((2048, PrefillConfig(block_m=64, num_warps=4, heads_fast=True)),
+          (8192, PrefillConfig(heads_fast=True)),
+          (2**62, PrefillConfig())),
+}
+
+
+def prefill_config(head_dim: int, sq: int, dtype: torch.dtype, on_gpu: bool) -> PrefillConfig:
     if not on_gpu:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, masked_stages=1, use_tma=False)
+        return CPU_PREFILL
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, masked_stages=1, use_tma=False)
-    if head_dim == 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, masked_stages=3, use_tma=False)
-    # TMA descriptors (use_tma=True) measured slower on the H100 with triton 3.6 (331 vs 378 TFLOP/s at 8192)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, masked_stages=3, use_tma=False)
+        return GPU_PREFILL_FP32
+    return next(cfg for most_sq, cfg in GPU_PREFILL.get(head_dim, GPU_PREFILL[128]) if sq <= most_sq)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -231,15 +264,17 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset:
     for t in (q, k, v):
         if t.stride(3) != 1:
             raise ValueError("prefill_attention: the head_dim axis of q, k, v must have stride 1")
-    cfg = _prefill_config(d, q.dtype, q.is_cuda)
-    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), batch * hq)
+    cfg = prefill_config(d, sq, q.dtype, q.is_cuda)
+    tiles, heads = triton.cdiv(sq, cfg.block_m), batch * hq
+    heads_fast = cfg.heads_fast or heads > 65535  # grid axis 1 holds at most 65535
+    grid = (heads, tiles) if heads_fast else (tiles, heads)
     dummy = q_offset if q_offset is not None else (kv_start if kv_start is not None else kv_end)
     dummy = dummy if dummy is not None else out  # never read when its HAS_* flag is False
-    use_tma = cfg["use_tma"] and _tma_ok(k) and _tma_ok(v)
+    use_tma = cfg.use_tma and _tma_ok(k) and _tma_ok(v)
     k_desc, v_desc = k, v  # unused placeholders unless use_tma
     if use_tma:
-        k_desc = TensorDescriptor.from_tensor(k, [1, 1, cfg["BLOCK_N"], d])
-        v_desc = TensorDescriptor.from_tensor(v, [1, 1, cfg["BLOCK_N"], d])
+        k_desc = TensorDescriptor.from_tensor(k, [1, 1, cfg.block_n, d])
+        v_desc = TensorDescriptor.from_tensor(v, [1, 1, cfg.block_n, d])
     _prefill_kernel[grid](
         q, k, v, k_desc, v_desc, out,
         q_offset if q_offset is not None else dummy,
@@ -249,12 +284,13 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset:
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, sq, skv,
-        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         HAS_QOFF=q_offset is not None, HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None,
         LEFT_PAD=kv_start is not None or kv_start_int > 0, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        NUM_STAGES=cfg["num_stages"], MASKED_STAGES=cfg["masked_stages"], WARP_SPEC=cfg.get("warp_spec", False),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        NUM_STAGES=cfg.num_stages, MASKED_STAGES=cfg.masked_stages, WARP_SPEC=cfg.warp_spec,
+        HEADS_FAST=heads_fast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from _attn_helpers import assert_close_to_reference, qkv, sdpa_same_dtype
+from flashcore.ops import prefill as prefill_mod
 from flashcore.ops import prefill_attention
 from flashcore.reference import attention_reference
 
@@ -163,3 +166,35 @@ def test_registered_op_and_fake_tensor(device):
     with FakeTensorMode() as mode:
         fake = prefill_attention(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v))
     assert fake.shape == eager.shape and fake.stride() == eager.stride()
+
+
+def _table_configs():
+    """Every configuration the launch path can pick here: the interpreter's (in both grid orders) on the CPU,
+    each entry of the bf16/fp16 tables on a GPU."""
+    if not torch.cuda.is_available():
+        return [prefill_mod.CPU_PREFILL, dataclasses.replace(prefill_mod.CPU_PREFILL, heads_fast=True)]
+    return [cfg for entries in prefill_mod.GPU_PREFILL.values() for _, cfg in entries]
+
+
+@pytest.mark.parametrize("cfg", _table_configs(), ids=str)
+def test_every_table_config_matches_reference(cfg, device, monkeypatch):
+    # Each configuration forced for every length: ragged rows (left padding, kv_end, queries after a cache, a
+    # row with no key for its first queries), GQA 4:1, several query tiles and both head dims.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    monkeypatch.setattr(prefill_mod, "CPU_PREFILL", cfg)
+    monkeypatch.setattr(prefill_mod, "GPU_PREFILL", {64: ((2**62, cfg),), 128: ((2**62, cfg),)})
+    for d in (64, 128):
+        q, k, v = qkv(3, 8, 2, 150, 190, d, dtype=dtype, device=device, seed=d)
+        _check(q, k, v)
+        _check(q, k, v, q_offset=torch.tensor([40, 0, 25], device=device),
+               kv_start=torch.tensor([0, 30, 77], device=device), kv_end=torch.tensor([190, 150, 180], device=device))
+
+
+def test_config_follows_dtype_head_dim_and_length():
+    table = prefill_mod.GPU_PREFILL[128]
+    assert table[-1][0] == 2**62 and [most for most, _ in table] == sorted(most for most, _ in table)
+    for sq in (1, 2048, 4096, 4097, 8192, 8193, 10**6):
+        assert prefill_mod.prefill_config(128, sq, torch.bfloat16, True) is next(c for m, c in table if sq <= m)
+        assert prefill_mod.prefill_config(96, sq, torch.float16, True) is next(c for m, c in table if sq <= m)
+    assert prefill_mod.prefill_config(128, 8, torch.float32, True) is prefill_mod.GPU_PREFILL_FP32
+    assert prefill_mod.prefill_config(64, 8, torch.float16, False) is prefill_mod.CPU_PREFILL
