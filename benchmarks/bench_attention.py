@@ -6,10 +6,12 @@ Decode is timed the way a model step sees it: a CUDA graph holding one call per 
 (fewer where 32 would not fit in --layer-gib), replayed; the figure is the median replay time divided by the
 layers. SDPA reads the whole cache with no mask (kv_lens = the cache length for flashcore too).
   --tune     times each candidate launch configuration (decode.DecodeConfig) on one shape per cell of the
-             launch table (rows = batch * KV heads, keys = cache slots) and prints the table it would pick;
+             launch table (rows = batch * KV heads, keys = cache slots) at 32:32, 32:8 and 64:8 heads (one
+             table per query-head group, GROUP_EDGES) and prints the table it would pick (pick_table);
   --apply    installs that table for the rest of the run (what the sweep then measures);
   --sweep    the decode sweep (GQA 32:8 at B 1..64 and caches 512..131072; GQA 8:1 (64:8) and MHA (32:32)),
-             eager host time per call and do_bench (L2 flushed) at two shapes, causal prefill at 2048/8192/16384;
+             eager host time per call and do_bench (L2 flushed) at two shapes, causal prefill at 2048..16384;
+  --prefill-sweep  causal prefill also with each of PREFILL_CANDIDATES (prefill.PrefillConfig) beside SDPA;
   --baseline DIR  also times DIR/flashcore_before (benchmarks/make_baseline.py: the kernels of another revision).
 HBM floor = KV bytes / measured device-to-device copy bandwidth (bytes read + written). Needs a CUDA GPU.
 """
@@ -17,6 +19,7 @@ HBM floor = KV bytes / measured device-to-device copy bandwidth (bytes read + wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -31,15 +34,26 @@ from triton.testing import do_bench
 
 from flashcore.ops import decode as decode_mod
 from flashcore.ops import decode_attention, prefill_attention
+from flashcore.ops import prefill as prefill_mod
 from flashcore.ops.decode import DecodeConfig
+from flashcore.ops.prefill import PrefillConfig
 
 D = 128
 DTYPE = torch.bfloat16
 LLAMA = (32, 8)  # Hq, Hkv of LLaMA-3.1-8B
-ROW_EDGES = (16, 128, 256, 2**62)  # launch-table cells: rows = batch * KV heads ...
-KEY_EDGES = (4096, 16384, 2**62)    # ... and cache slots; one measured shape per cell:
-CELL_SHAPES = {(r, k): (rows // LLAMA[1], keys) for r, rows in zip(ROW_EDGES, (8, 64, 256, 512))
-               for k, keys in zip(KEY_EDGES, (2048, 8192, 32768))}
+ROW_EDGES = (16, 128, 256, 2**62)          # launch-table cells: rows = batch * KV heads ...
+KEY_EDGES = (4096, 16384, 65536, 2**62)     # ... and cache slots; per cell one measured (batch, cache): cell_shape
+GROUP_EDGES = {(32, 32): 1, LLAMA: 4, (64, 8): 2**62}  # per query-head group (the kernel's M dimension) a
+                                                       # table of its own: MHA, groups <= 4 (32:8), larger (8:1)
+CELL_ROWS_KEYS = {(r, k): (rows, keys if keys <= 32768 or rows <= 64 else 65536)
+                  for r, rows in zip(ROW_EDGES, (8, 64, 256, 512))
+                  for k, keys in zip(KEY_EDGES, (2048, 8192, 32768, 131072))}
+
+
+def cell_shape(heads, cell) -> tuple[int, int]:
+    """(batch, cache) measured for a launch-table cell at these heads; batch 0 where no batch reaches the cell."""
+    rows, keys = CELL_ROWS_KEYS[cell]
+    return rows // heads[1], keys
 CANDIDATES = [
     DecodeConfig(),                                                     # the default
     DecodeConfig(min_chunk=128, waves=4),                               # more, shorter splits
@@ -50,13 +64,23 @@ CANDIDATES = [
     DecodeConfig(num_stages=2, min_chunk=128, waves=4),
     DecodeConfig(pdl=True),                                             # programmatic dependent launch
     DecodeConfig(num_stages=2, pdl=True),
+    DecodeConfig(num_warps=8),                                          # more loads in flight per program
+    DecodeConfig(num_warps=8, min_chunk=512, waves=1),
 ]
 SWEEP = ([(LLAMA, b, s) for b, s in [(1, 512), (1, 2048), (1, 8192), (1, 32768), (1, 131072), (8, 2048), (8, 8192),
                                       (8, 32768), (32, 2048), (32, 8192), (64, 512), (64, 4096)]]
          + [((64, 8), b, s) for b, s in [(1, 8192), (8, 8192), (32, 2048)]]
          + [((32, 32), b, s) for b, s in [(1, 8192), (8, 2048), (32, 2048)]])
 HOST_SHAPES = [(1, 2048), (8, 8192)]
-PREFILL_SEQS = (2048, 8192, 16384)
+PREFILL_SEQS = (2048, 4096, 8192, 16384)
+PREFILL_CALLS = 8  # calls per timed graph
+PREFILL_CANDIDATES = [  # --prefill-sweep: D 128 configurations (the installed table is timed first)
+    PrefillConfig(),
+    PrefillConfig(heads_fast=True),
+    PrefillConfig(block_m=64, num_warps=4),
+    PrefillConfig(block_m=64, num_warps=4, heads_fast=True),
+    PrefillConfig(heads_fast=True, warp_spec=True),
+]
 
 
 def log(*parts) -> None:
@@ -150,46 +174,60 @@ def install_table(table) -> None:
 
 
 def table_rows(table) -> list[dict]:
-    return [dict(most_rows=rows, most_keys=keys, **vars(cfg)) for rows, keys, cfg in table]
+    return [dict(most_group=group, most_rows=rows, most_keys=keys, **vars(cfg)) for group, rows, keys, cfg in table]
 
 
 def load_table(path: str) -> list:
     """The launch table a --tune run wrote to its --json document ("table")."""
     with open(path) as fh:
         rows = json.load(fh)["table"]
-    return [(r.pop("most_rows"), r.pop("most_keys"), DecodeConfig(**r)) for r in rows]
+    return [(r.pop("most_group"), r.pop("most_rows"), r.pop("most_keys"), DecodeConfig(**r)) for r in rows]
 
 
-def tune(budget: int) -> tuple[list[dict], list]:
-    """Each candidate on each cell's shape; the table keeps the default unless a candidate is >= 3% faster."""
+def tune(budget: int) -> list[dict]:
+    """Each candidate on each cell's shape, for each GROUP_EDGES grouping: one result row per measurement."""
     original = decode_mod.GPU_TABLE
-    results, table = [], []
+    results = []
     try:
-        for (rows_edge, keys_edge), (batch, seq) in CELL_SHAPES.items():
-            layers = Layers(LLAMA, batch, seq, budget)
-            timed = []
-            for cfg in CANDIDATES:
-                install_table([(2**62, 2**62, cfg)])
-                try:
-                    err = layers.max_error(decode_attention)
-                    if not err < 2e-2:
-                        raise AssertionError(f"max error {err}")
-                    us = graph_us(layers.calls(decode_attention), reps=20)
-                except Exception as exc:  # a candidate that fails is reported, not fatal
-                    log(f"tune B={batch} S={seq} {cfg}: failed: {str(exc).splitlines()[0][:200]}")
+        for heads in GROUP_EDGES:
+            for batch, seq in sorted({cell_shape(heads, cell) for cell in CELL_ROWS_KEYS}):
+                if batch == 0:
                     continue
-                timed.append((us, cfg))
-                results.append(dict(vars(cfg), batch=batch, seq=seq, layers=layers.count, graph_us=us))
-                log(f"tune B={batch:>2} S={seq:>6} {cfg}: {us:7.2f} us")
-            default_us = next((us for us, cfg in timed if cfg == DecodeConfig()), math.inf)
-            best_us, best = min(timed, key=lambda t: t[0]) if timed else (math.inf, DecodeConfig())
-            pick = best if best_us < 0.97 * default_us else DecodeConfig()
-            table.append((rows_edge, keys_edge, pick))
-            del layers
-            torch.cuda.empty_cache()
+                layers = Layers(heads, batch, seq, budget)
+                for cfg in CANDIDATES:
+                    install_table([(2**62, 2**62, 2**62, cfg)])
+                    try:
+                        err = layers.max_error(decode_attention)
+                        if not err < 2e-2:
+                            raise AssertionError(f"max error {err}")
+                        us = graph_us(layers.calls(decode_attention), reps=20)
+                    except Exception as exc:  # a candidate that fails is reported, not fatal
+                        log(f"tune {heads} B={batch} S={seq} {cfg}: failed: {str(exc).splitlines()[0][:200]}")
+                        continue
+                    results.append(dict(vars(cfg), hq=heads[0], hkv=heads[1], batch=batch, seq=seq,
+                                        layers=layers.count, graph_us=us))
+                    log(f"tune {heads} B={batch:>2} S={seq:>6} {cfg}: {us:7.2f} us")
+                del layers
+                torch.cuda.empty_cache()
     finally:
         install_table(original)
-    return results, table
+    return results
+
+
+def pick_table(results: list[dict]) -> list[tuple]:
+    """The launch table from tune()'s rows: per grouping and cell the fastest candidate, the default unless the
+    fastest is >= 3% faster (the table keeps no choice that timing noise could have made)."""
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    table = []
+    for (hq, hkv), group_edge in GROUP_EDGES.items():
+        for (rows_edge, keys_edge) in CELL_ROWS_KEYS:
+            batch, seq = cell_shape((hq, hkv), (rows_edge, keys_edge))
+            timed = {DecodeConfig(**{k: r[k] for k in fields}): r["graph_us"] for r in results
+                     if (r["hq"], r["hkv"], r["batch"], r["seq"]) == (hq, hkv, batch, seq)}
+            best = min(timed, key=timed.get, default=DecodeConfig())
+            keep = best if timed.get(best, math.inf) < 0.97 * timed.get(DecodeConfig(), math.inf) else DecodeConfig()
+            table.append((group_edge, rows_edge, keys_edge, keep))
+    return table
 
 
 def decode_row(heads, batch: int, seq: int, bandwidth: float, budget: int, impls: dict) -> dict:
@@ -221,19 +259,53 @@ def host_row(batch: int, seq: int, impls: dict) -> dict:
     return row
 
 
-def prefill_row(seq: int) -> dict:
+def prefill_row(seq: int, configs) -> dict:
+    """Causal prefill at B=1, GQA 32:8, TFLOP/s of flashcore (each of `configs`, None = the installed one) and
+    of SDPA, on the same tensors; each config checked against SDPA first. Timed as PREFILL_CALLS calls in one
+    CUDA graph (GPU time: an eager call's host overhead, 50-100 µs for a triton launch on the box's CPU, would
+    otherwise show at short lengths, where the whole kernel takes ~90 µs)."""
     hq, hkv = LLAMA
     q = torch.randn(1, hq, seq, D, device="cuda", dtype=DTYPE)
     k = torch.randn(1, hkv, seq, D, device="cuda", dtype=DTYPE)
     v = torch.randn(1, hkv, seq, D, device="cuda", dtype=DTYPE)
     flops = 4 * hq * seq * seq * D / 2  # causal: half the score matrix
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-    err = (prefill_attention(q, k, v).float() - sdpa().float()).abs().max().item()
-    assert err < 3e-2, f"prefill S={seq}: max error vs sdpa {err}"
-    fc_ms = do_bench(lambda: prefill_attention(q, k, v), warmup=50, rep=400, return_mode="median")
-    sd_ms = do_bench(sdpa, warmup=50, rep=400, return_mode="median")
-    return dict(seq=seq, flashcore_tflops=flops / fc_ms / 1e9, sdpa_tflops=flops / sd_ms / 1e9,
-                ratio=sd_ms / fc_ms)
+    sd_us = graph_us([sdpa] * PREFILL_CALLS)
+    row = dict(seq=seq, sdpa_tflops=flops / sd_us / 1e6, configs=[])
+    original = prefill_mod.GPU_PREFILL[D]
+    try:
+        for cfg in configs:
+            if cfg is not None:
+                prefill_mod.GPU_PREFILL[D] = ((2**62, cfg),)
+            entry = dict(vars(prefill_mod.prefill_config(D, seq, DTYPE, on_gpu=True)), table=cfg is None)
+            try:
+                err = (prefill_attention(q, k, v).float() - sdpa().float()).abs().max().item()
+                if not err < 3e-2:
+                    raise AssertionError(f"max error vs sdpa {err}")
+                fc_us = graph_us([lambda: prefill_attention(q, k, v)] * PREFILL_CALLS)
+                entry.update(flashcore_tflops=flops / fc_us / 1e6, ratio=sd_us / fc_us)
+            except Exception as exc:  # a configuration that fails to compile or to match is reported
+                entry.update(flashcore_tflops=None, ratio=None, error=str(exc).splitlines()[0][:200])
+            row["configs"].append(entry)
+    finally:
+        prefill_mod.GPU_PREFILL[D] = original
+    first = row["configs"][0]
+    row.update(flashcore_tflops=first["flashcore_tflops"], ratio=first["ratio"])
+    return row
+
+
+def prefill_sweep(seqs, candidates) -> list[dict]:
+    """prefill_row at each length: the installed table, then each candidate."""
+    rows = []
+    for seq in seqs:
+        rows.append(prefill_row(seq, [None, *candidates]))
+        for entry in rows[-1]["configs"]:
+            shown = {k: v for k, v in entry.items() if k not in ("flashcore_tflops", "ratio", "error")}
+            result = (f"{entry['flashcore_tflops']:.0f} TFLOP/s, {entry['ratio']:.3f}x SDPA"
+                      if entry["ratio"] else f"failed: {entry['error']}")
+            log(f"prefill S={seq} sdpa {rows[-1]['sdpa_tflops']:.0f}: {result} {shown}")
+        torch.cuda.empty_cache()
+    return rows
 
 
 def print_decode(rows: list[dict], names: list[str]) -> None:
@@ -250,9 +322,13 @@ def print_decode(rows: list[dict], names: list[str]) -> None:
 
 
 def table_source(table) -> str:
-    lines = ["GPU_TABLE: tuple[tuple[int, int, DecodeConfig], ...] = ("]
-    for rows, keys, cfg in table:
-        lines.append(f"    ({rows if rows < 2**62 else '2**62'}, {keys if keys < 2**62 else '2**62'}, {cfg!r}),")
+    """The table as decode.py spells it (only the fields that differ from DecodeConfig's defaults)."""
+    edge = lambda n: "2**62" if n >= 2**62 else str(n)  # noqa: E731
+    lines = ["GPU_TABLE: tuple[tuple[int, int, int, DecodeConfig], ...] = ("]
+    for group, rows, keys, cfg in table:
+        changed = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+                            if getattr(cfg, f.name) != f.default)
+        lines.append(f"    ({edge(group)}, {edge(rows)}, {edge(keys)}, DecodeConfig({changed})),")
     return "\n".join(lines + [")"])
 
 
@@ -262,6 +338,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--apply", action="store_true", help="use the tuned table for the rest of the run")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--prefill-sweep", action="store_true", help="time each PREFILL_CANDIDATES config")
     parser.add_argument("--baseline", help="a directory holding flashcore_before (benchmarks/make_baseline.py)")
     parser.add_argument("--layer-gib", type=float, default=30.0, help="GPU memory for one shape's caches")
     args = parser.parse_args(argv)
@@ -285,7 +362,8 @@ def main(argv=None) -> int:
                 json.dump(doc, fh, indent=1, default=str)
 
     if args.tune:
-        doc["tune"], table = tune(budget)
+        doc["tune"] = tune(budget)
+        table = pick_table(doc["tune"])
         doc["table"] = table_rows(table)
         log(table_source(table))
         if args.apply:
@@ -305,15 +383,10 @@ def main(argv=None) -> int:
             log(f"host B={r['batch']} S={r['seq']}: " + ", ".join(
                 f"{n} {r[f'{n}_host_us']:.1f} us host / {r[f'{n}_do_bench_us']:.1f} us do_bench" for n in impls))
         save()
-        doc["prefill"] = []
-        for seq in PREFILL_SEQS:
-            try:
-                doc["prefill"].append(prefill_row(seq))
-                log(f"prefill S={seq}: " + ", ".join(f"{k} {v:.2f}" for k, v in doc["prefill"][-1].items()))
-            except Exception as exc:
-                log(f"prefill S={seq}: failed: {str(exc).splitlines()[0][:200]}")
-        save()
         print_decode(doc["decode"], list(impls))
+    if args.sweep or args.prefill_sweep:
+        doc["prefill"] = prefill_sweep(PREFILL_SEQS, PREFILL_CANDIDATES if args.prefill_sweep else [])
+        save()
     return 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "environment": asdict(env), "latency": asdict(latency),
+            json.dump({"model": args.model, "environment": env.model_dump(), "latency": latency.model_dump(),
                        "extra_ms_per_token": extra}, f, indent=2)
     return 0
 

@@ -170,30 +170,69 @@ class DecodeConfig:
 
 
 CPU_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=1, min_chunk=64, waves=2)
-# (most rows, most keys, config): the first row with rows = batch * KV heads <= most rows and cache slots <= most
-# keys wins. Picked on the H100 by `benchmarks/bench_attention.py --tune` (2026-11-28; docs/BENCHMARKS.md): per
-# cell the fastest of nine candidates in a 32-layer CUDA graph, the default unless one is >= 3% faster.
-GPU_TABLE: tuple[tuple[int, int, DecodeConfig], ...] = (
-    (16, 4096, DecodeConfig(num_stages=3, min_chunk=128, waves=4, pdl=False)),
-    (16, 16384, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
-    (16, 2**62, DecodeConfig(num_stages=3, min_chunk=256, waves=2, pdl=False)),
-    (128, 4096, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
-    (128, 16384, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
-    (128, 2**62, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
-    (256, 4096, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
-    (256, 16384, DecodeConfig(num_stages=3, min_chunk=512, waves=1, pdl=False)),
-    (256, 2**62, DecodeConfig(num_stages=2, min_chunk=512, waves=1, pdl=False)),
-    (2**62, 4096, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
-    (2**62, 16384, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=True)),
-    (2**62, 2**62, DecodeConfig(num_stages=2, min_chunk=256, waves=2, pdl=False)),
+# (most group, most rows, most keys, config): the first entry with group = Hq // Hkv <= most group, rows =
+# batch * KV heads <= most rows and cache slots <= most keys wins. The group is the kernel's M dimension and sets
+# how much each program merges, so MHA (group 1), groups up to 4 (LLaMA's 32:8) and larger ones (8:1) have
+# tables of their own. Picked by `benchmarks/bench_attention.py --tune` (2026-11-28, H200; docs/BENCHMARKS.md):
+# per cell the fastest of eleven candidates in a 32-layer CUDA graph at 32:32, 32:8 and 64:8 heads, the default
+# unless one is >= 3% faster.
+GPU_TABLE: tuple[tuple[int, int, int, DecodeConfig], ...] = (
+    (1, 16, 4096, DecodeConfig()),
+    (1, 16, 16384, DecodeConfig()),
+    (1, 16, 65536, DecodeConfig()),
+    (1, 16, 2**62, DecodeConfig()),
+    (1, 128, 4096, DecodeConfig()),
+    (1, 128, 16384, DecodeConfig(num_stages=2, min_chunk=128, waves=4)),
+    (1, 128, 65536, DecodeConfig(min_chunk=512, waves=1)),
+    (1, 128, 2**62, DecodeConfig(min_chunk=512, waves=1)),
+    (1, 256, 4096, DecodeConfig(min_chunk=512, waves=1)),
+    (1, 256, 16384, DecodeConfig(min_chunk=512, waves=1)),
+    (1, 256, 65536, DecodeConfig(num_stages=2, pdl=True)),
+    (1, 256, 2**62, DecodeConfig(min_chunk=512, waves=1)),
+    (1, 2**62, 4096, DecodeConfig(num_stages=2, pdl=True)),
+    (1, 2**62, 16384, DecodeConfig(num_stages=2)),
+    (1, 2**62, 65536, DecodeConfig(num_stages=2)),
+    (1, 2**62, 2**62, DecodeConfig(num_stages=2)),
+    (4, 16, 4096, DecodeConfig(min_chunk=128, waves=4)),
+    (4, 16, 16384, DecodeConfig()),
+    (4, 16, 65536, DecodeConfig()),
+    (4, 16, 2**62, DecodeConfig()),
+    (4, 128, 4096, DecodeConfig()),
+    (4, 128, 16384, DecodeConfig(min_chunk=512, waves=1)),
+    (4, 128, 65536, DecodeConfig(min_chunk=512, waves=1)),
+    (4, 128, 2**62, DecodeConfig(min_chunk=512, waves=1)),
+    (4, 256, 4096, DecodeConfig(min_chunk=512, waves=1)),
+    (4, 256, 16384, DecodeConfig(min_chunk=512, waves=1)),
+    (4, 256, 65536, DecodeConfig(num_warps=8, min_chunk=512, waves=1)),
+    (4, 256, 2**62, DecodeConfig(num_stages=2, pdl=True)),
+    (4, 2**62, 4096, DecodeConfig(num_stages=2, pdl=True)),
+    (4, 2**62, 16384, DecodeConfig(num_stages=2, min_chunk=512, waves=1)),
+    (4, 2**62, 65536, DecodeConfig(num_stages=2, min_chunk=512, waves=1)),
+    (4, 2**62, 2**62, DecodeConfig(num_stages=2, pdl=True)),
+    (2**62, 16, 4096, DecodeConfig()),
+    (2**62, 16, 16384, DecodeConfig(num_warps=8, min_chunk=512, waves=1)),
+    (2**62, 16, 65536, DecodeConfig(num_warps=8)),
+    (2**62, 16, 2**62, DecodeConfig()),
+    (2**62, 128, 4096, DecodeConfig()),
+    (2**62, 128, 16384, DecodeConfig(min_chunk=512, waves=1)),
+    (2**62, 128, 65536, DecodeConfig(min_chunk=512, waves=1)),
+    (2**62, 128, 2**62, DecodeConfig(min_chunk=512, waves=1)),
+    (2**62, 256, 4096, DecodeConfig(min_chunk=512, waves=1)),
+    (2**62, 256, 16384, DecodeConfig(min_chunk=512, waves=1)),
+    (2**62, 256, 65536, DecodeConfig(num_warps=8, min_chunk=512, waves=1)),
+    (2**62, 256, 2**62, DecodeConfig(min_chunk=512, waves=1)),
+    (2**62, 2**62, 4096, DecodeConfig(num_stages=2, pdl=True)),
+    (2**62, 2**62, 16384, DecodeConfig(num_stages=2, pdl=True)),
+    (2**62, 2**62, 65536, DecodeConfig(num_stages=2, pdl=True)),
+    (2**62, 2**62, 2**62, DecodeConfig(num_stages=2)),
 )
 
 
-def decode_config(rows: int, s_max: int, on_gpu: bool) -> DecodeConfig:
+def decode_config(group: int, rows: int, s_max: int, on_gpu: bool) -> DecodeConfig:
     if not on_gpu:
         return CPU_CONFIG
-    for most_rows, most_keys, cfg in GPU_TABLE:
-        if rows <= most_rows and s_max <= most_keys:
+    for most_group, most_rows, most_keys, cfg in GPU_TABLE:
+        if group <= most_group and rows <= most_rows and s_max <= most_keys:
             return cfg
     return DecodeConfig()
 
@@ -274,15 +313,14 @@ class _DecodePlan:
         self.device, self.dtype, self.on_gpu = q.device, q.dtype, q.is_cuda
         self.out_shape, self.out_stride = (batch, hq, 1, d), (hq * d, d, hq * d, 1)  # [B, 1, Hq, D] memory
         self.empty = batch * hq * d == 0
-        rows = batch * hkv
-        self.cfg = decode_config(rows, s_max, self.on_gpu)
+        rows, group = batch * hkv, hq // hkv
+        self.cfg = decode_config(group, rows, s_max, self.on_gpu)
         if num_splits <= 0:
             num_splits = choose_num_splits(rows, s_max, _sm_count(q.device), self.cfg)
         chunk, self.num_splits = _split_chunk(s_max, num_splits, self.cfg.block_n)
         part_rows = batch * hq * self.num_splits
         self.n_part = part_rows * (d + 1) if self.num_splits > 1 else 1
         self.n_tickets = _round16(rows) if self.num_splits > 1 else 16
-        group = hq // hkv
         merge_h = triton.next_power_of_2(group)
         self.grid = (rows, self.num_splits)
         self.consts = (

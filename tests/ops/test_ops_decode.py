@@ -192,15 +192,18 @@ def test_choose_num_splits_fills_the_gpu():
 
 
 def test_launch_table_covers_every_shape():
-    # The first matching row wins and the last row matches everything; cells grow along both axes.
+    # The first matching entry wins and the last one matches everything; cells grow along all three axes.
     table = decode_mod.GPU_TABLE
-    assert table[-1][:2] == (2**62, 2**62)
-    for rows in (1, 8, 16, 17, 64, 129, 256, 257, 4096):
-        for keys in (1, 512, 4096, 4097, 16384, 16385, 131072):
-            cfg = decode_mod.decode_config(rows, keys, on_gpu=True)
-            first = next(c for r, k, c in table if rows <= r and keys <= k)
-            assert cfg is first and cfg.block_n % 16 == 0 and cfg.min_chunk >= cfg.block_n
-    assert decode_mod.decode_config(8, 2048, on_gpu=False) is decode_mod.CPU_CONFIG
+    assert table[-1][:3] == (2**62, 2**62, 2**62)
+    for group in (1, 4, 5, 8, 32):
+        for rows in (1, 8, 16, 17, 64, 129, 256, 257, 4096):
+            for keys in (1, 512, 4096, 4097, 16384, 16385, 65537, 131072):
+                cfg = decode_mod.decode_config(group, rows, keys, on_gpu=True)
+                first = next(c for g, r, k, c in table if group <= g and rows <= r and keys <= k)
+                assert cfg is first and cfg.block_n % 16 == 0 and cfg.min_chunk >= cfg.block_n
+    # LLaMA's 32:8 and an 8:1 model at B=1 @8192 take different entries (measured: docs/BENCHMARKS.md)
+    assert decode_mod.decode_config(4, 8, 8192, on_gpu=True) != decode_mod.decode_config(8, 8, 8192, on_gpu=True)
+    assert decode_mod.decode_config(4, 8, 2048, on_gpu=False) is decode_mod.CPU_CONFIG
 
 
 def test_torch_compile_fullgraph(device):
@@ -250,7 +253,7 @@ def test_cuda_graph_replay_follows_kv_lens(arena, cfg, device, monkeypatch):
     # captured call are its own and back at 0 after each replay). arena=False: the captured calls find no free
     # arena tickets and take zeros from the graph pool (a memset node per call). pdl: launched with programmatic
     # dependent launch (each kernel waits for the previous one before touching memory).
-    monkeypatch.setattr(decode_mod, "GPU_TABLE", ((2**62, 2**62, cfg),))
+    monkeypatch.setattr(decode_mod, "GPU_TABLE", ((2**62, 2**62, 2**62, cfg),))
     monkeypatch.setattr(decode_mod, "_PLANS", {})  # plans of this configuration only, dropped after the test
     batch, hq, hkv, s_max, d = 2, 32, 8, 4096, 128
     layers = [qkv(batch, hq, hkv, 1, s_max, d, dtype=torch.bfloat16, device=device, seed=37 + 3 * i)
