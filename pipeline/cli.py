@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import __version__, errors, local, report, subcommands
 from pipeline.errors import PipelineError, UsageError, signal_name
@@ -26,6 +27,9 @@ from pipeline.results import SKIPPABLE_STEPS
 from pipeline.schedule import inventory_lock
 from pipeline.settings import (DEFAULT_PARALLEL, DEFAULTS, Flags, HostConfig, count, describe, gpu_indices,
                                resolve, seconds, tcp_port)
+
+if TYPE_CHECKING:  # the runner (paramiko, fabric) is imported only when something runs
+    from pipeline.runner import RunOptions
 
 EPILOG = """\
 examples:
@@ -219,12 +223,19 @@ def check_output(flags: Flags) -> None:
     report.check_report_dir(flags.report_dir)
 
 
+def run_options(flags: Flags, code_root: Path, **extra) -> RunOptions:
+    """The runner's options from the flags (the same for every host and for a cluster); `extra` adds the rest."""
+    from pipeline.runner import RunOptions
+    return RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
+                      template=flags.template, suite_command=flags.suite_command, debug=flags.debug,
+                      code_root=code_root, **extra)
+
+
 def dry_run(hosts: list[HostConfig], flags: Flags, code_root: Path) -> None:
-    from pipeline.runner import RunOptions, plan_lines
+    from pipeline.runner import Checkout, plan_lines
+    checkout = Checkout()
     for cfg in hosts:
-        opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
-                          suite_command=flags.suite_command, code_root=code_root)
-        for line in plan_lines(cfg, opts):
+        for line in plan_lines(cfg, run_options(flags, code_root, checkout=checkout)):
             _say(line)
 
 
@@ -258,12 +269,11 @@ def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConf
     history = history_path(flags)
     check_history(history)
     from pipeline import fleet
-    from pipeline.runner import RunOptions
+    from pipeline.runner import Checkout
+    checkout = Checkout()   # the checkout is read once for all hosts
 
     def make_opts(cfg: HostConfig) -> RunOptions:
-        return RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
-                          template=flags.template, suite_command=flags.suite_command, debug=flags.debug,
-                          reproduce=reproduce(cfg), code_root=code_root)
+        return run_options(flags, code_root, reproduce=reproduce(cfg), checkout=checkout)
 
     many = is_fleet(flags, hosts)
     fo = fleet.FleetOptions(report_dir=flags.report_dir, history=history,
@@ -331,10 +341,7 @@ def execute_cluster(flags: Flags, target, reproduce: str) -> int:
 
     from pipeline import cluster
     from pipeline.fleet import finished_lines, fleet_exit_code
-    from pipeline.runner import RunOptions
-    opts = RunOptions(skip=frozenset(flags.skip), wheelhouse=flags.wheelhouse, report_dir=flags.report_dir,
-                      template=flags.template, suite_command=flags.suite_command, debug=flags.debug, out=_say,
-                      code_root=local.find_code_root(), reproduce=reproduce)
+    opts = run_options(flags, local.find_code_root(), out=_say, reproduce=reproduce)
     if flags.list_hosts or flags.dry_run:
         for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
             _say(line)

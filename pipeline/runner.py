@@ -57,6 +57,38 @@ class RunEvent:
     text: str = ""
 
 
+class Checkout:
+    """This machine's facts that no host changes: the code tree and its hash, revision, dependency spec, remote
+    scripts, model catalogue, wheels and token (pipeline.local). Read once, by the first host that asks, and
+    shared by every host of an execute (they run in threads): a fleet walks and hashes the checkout once, not once
+    per host. A failure to read it is kept and raised to each host that asks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read: tuple[dict | None, Exception | None] | None = None
+
+    def get(self, opts: RunOptions) -> dict:
+        with self._lock:
+            if self._read is None:
+                try:
+                    self._read = (_read_checkout(opts), None)
+                except (OSError, ValueError, KeyError) as e:
+                    self._read = (None, e)
+        facts, error = self._read
+        if error is not None:
+            raise error
+        return facts
+
+
+def _read_checkout(opts: RunOptions) -> dict:
+    token, source = local.hf_token(opts.environ)
+    root = opts.code_root
+    return dict(tree=local.collect_tree(root), revision=local.git_revision(root),
+                requirements=local.requirements(root), scripts=local.remote_scripts(),
+                catalogue=read_catalogue(root), wheels=local.wheels(opts.wheelhouse), token=token,
+                token_source=source, environ={k: opts.environ[k] for k in FORWARDED_ENV if opts.environ.get(k)})
+
+
 @dataclass
 class RunOptions:
     skip: frozenset[str] = frozenset()
@@ -75,19 +107,15 @@ class RunOptions:
     on_event: Callable[[RunEvent], None] | None = None
     # called with the finished result before its report is written: the history's judgement goes into it
     judge: Callable[[HostRunResult], None] | None = None
+    checkout: Checkout = field(default_factory=Checkout)   # one instance for all hosts of an execute
 
 
 def gather_here(cfg: HostConfig, opts: RunOptions, started: datetime) -> Here:
-    """This machine's facts for the steps (pipeline.local: the code tree, revision, dependency spec, token)."""
-    token, source = local.hf_token(opts.environ)
-    root = opts.code_root
-    return Here(tree=local.collect_tree(root), revision=local.git_revision(root),
-                requirements=local.requirements(root), scripts=local.remote_scripts(), catalogue=read_catalogue(root),
-                wheels=local.wheels(opts.wheelhouse), token=token, token_source=source,
-                rsync=bool(shutil.which("rsync")) and (cfg.local or bool(shutil.which("ssh"))),
-                environ={k: opts.environ[k] for k in FORWARDED_ENV if opts.environ.get(k)},
-                owner=f"{_user()}@{socket.gethostname()}, pid {os.getpid()}, since "
-                      f"{started.isoformat(timespec='seconds')}")
+    """This machine's facts for the steps: the checkout's (read once per Checkout), whether rsync can reach
+    this host, and this run as the workspace lock shows it."""
+    rsync = bool(shutil.which("rsync")) and (cfg.local or bool(shutil.which("ssh")))
+    owner = f"{_user()}@{socket.gethostname()}, pid {os.getpid()}, since {started.isoformat(timespec='seconds')}"
+    return Here(**opts.checkout.get(opts), rsync=rsync, owner=owner)
 
 
 def _user() -> str:

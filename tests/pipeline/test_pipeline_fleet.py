@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -326,3 +327,56 @@ def test_a_single_host_run_is_judged_and_recorded_without_a_summary(tmp_path, ca
     from pipeline.history import HistoryStore
     with HistoryStore(tmp_path / "r" / "history.sqlite") as store:
         assert [r.status for r in store.results()] == ["passed"] * 5     # a regression is a judgement, not a fail
+
+
+def test_the_checkout_is_read_once_for_the_whole_fleet(tmp_path, capsys, monkeypatch):
+    # Every host needs the checkout's facts (tree and hash, revision, catalogue, token); none of them depends on
+    # the host, so a fleet reads them once (here: the plans of three hosts, which gather them as a run does).
+    from pipeline import local
+    walks = []
+    real = local.collect_tree
+    monkeypatch.setattr(local, "collect_tree", lambda root: walks.append(root) or real(root))
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text("defaults: {gpu: none, model: tiny}\nhosts:\n  a: {address: 10.0.0.1}\n  b: {address: 10.0.0.2}\n"
+                   "  c: {address: 10.0.0.3}\n")
+    assert cli.main(["--inventory", str(inv), "--target", "all", "--dry-run", "--ssh-config", "none"]) == 0
+    assert capsys.readouterr().out.count("## connect") == 3
+    assert len(walks) == 1
+    # a real run: the options fleet.run_fleet makes for each host share one Checkout (the hosts are not run)
+    made = []
+
+    def run_fleet(hosts, make_opts, fo, cancel, view):
+        made.extend(make_opts(cfg) for cfg in hosts)
+        return [], SimpleNamespace(paths={}, exit_code=0)
+
+    monkeypatch.setattr(fleet, "run_fleet", run_fleet)
+    assert cli.main(["--inventory", str(inv), "--target", "all", "--ssh-config", "none",
+                     "--report-dir", str(tmp_path / "r")]) == 0
+    assert len(made) == 3 and made[0].checkout is made[1].checkout is made[2].checkout
+    assert [o.reproduce for o in made] != [made[0].reproduce] * 3   # per-host options stay per host
+
+
+def test_a_checkout_read_by_many_threads_at_once_is_read_once_and_its_failure_kept(monkeypatch):
+    from pipeline import runner
+    calls = []
+
+    def slow_read(opts):
+        calls.append(opts)
+        time.sleep(0.1)
+        if opts == "broken":
+            raise OSError("checkout unreadable")
+        return {"revision": "abc"}
+
+    monkeypatch.setattr(runner, "_read_checkout", slow_read)
+    shared, got = runner.Checkout(), []
+    threads = [threading.Thread(target=lambda: got.append(shared.get("opts"))) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [{"revision": "abc"}] * 5 and len(calls) == 1
+    broken = runner.Checkout()
+    for _ in range(2):
+        with pytest.raises(OSError, match="unreadable"):
+            broken.get("broken")
+    assert len(calls) == 2
