@@ -268,7 +268,7 @@ class _Run:
                 if step.name == "connect":
                     self.remote = open_remote(self.cfg, self.opts.cancel,
                                               lambda text: self.say(f"[{self.label}] connect  {text}"))
-                return step.conclude(facts, [self.execute(op, facts, track) for op in step.plan(facts)])
+                return self._plan_and_conclude(step, facts, track)
             outcome = self._attempt(step.name, body)
         facts.learn(outcome.learned)
         self.save_artifacts(outcome.artifacts)
@@ -310,13 +310,10 @@ class _Run:
             if len(targets) > 1:
                 self.emit("step", step=step.name, tag=tag)
             t0 = time.monotonic()
-            o = self._attempt(step.name, lambda track: step.conclude(mine, [self.execute(op, mine, track)
-                                                                            for op in step.plan(mine)]))
+            o = self._attempt(step.name, lambda track: self._plan_and_conclude(step, mine, track))
             o.step.duration_s = round(time.monotonic() - t0, 3)
             if len(targets) > 1:
-                self.say(f"[{self.label}] {step.name:8s} {tag}: {o.step.status} ({o.step.duration_s:.2f} s) "
-                         f"{o.step.detail}", tag=tag)
-                self.emit("end", step=step.name, tag=tag, status=o.step.status, text=o.step.detail)
+                self.step_ended(step.name, o, tag)
             results[i] = (t, o)
 
         if len(targets) == 1:
@@ -333,6 +330,16 @@ class _Run:
                     self.opts.cancel.set(signal.SIGINT)
                     th.join()
         return step.combine(facts, [r for r in results if r is not None])
+
+    def _plan_and_conclude(self, step: Step, facts: Facts, track: _Track) -> Outcome:
+        return step.conclude(facts, [self.execute(op, facts, track) for op in step.plan(facts)])
+
+    def step_ended(self, name: str, outcome: Outcome, tag: str = "") -> None:
+        """The end line and event of a step, or of one GPU's part of it (`tag`)."""
+        s = outcome.step
+        where = f"{name:8s} {tag}: " if tag else f"{name:8s} "
+        self.say(f"[{self.label}] {where}{s.status} ({s.duration_s:.2f} s) {s.detail}", tag=tag)
+        self.emit("end", step=name, tag=tag, status=s.status, text=s.detail)
 
     def _failed(self, name: str, detail: str, track: _Track) -> StepResult:
         res = track.result
@@ -401,9 +408,7 @@ def _run_steps(run: _Run, facts: Facts, result: HostRunResult) -> tuple[Pipeline
         outcome = run.do(step, facts)
         outcome.step.duration_s = round(time.monotonic() - s0, 3)
         result.steps.append(outcome.step)
-        run.say(f"[{run.label}] {step.name:8s} {outcome.step.status} ({outcome.step.duration_s:.2f} s) "
-                f"{outcome.step.detail}")
-        run.emit("end", step=step.name, status=outcome.step.status, text=outcome.step.detail)
+        run.step_ended(step.name, outcome)
         if outcome.error is not None:
             error, failed_step = outcome.error, step.name
     return error, failed_step

@@ -10,6 +10,7 @@ The suites are the `--suite-command` testing aid (a script whose behaviour each 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -329,6 +330,10 @@ def test_each_gpu_of_a_host_runs_its_own_suite_at_once(tmp_path):
     for i in range(FAKE_GPUS):
         assert f"| {i} | GPU-fake{i}-0000-4000-8000-00000000000{i} | NVIDIA H100 80GB HBM3 | PASSED |" in md
     assert f"[127.0.0.1:{server.port} gpu1] suite on GPU 1" in run.out               # output tagged per GPU
+    end = rf"^\[127\.0\.0\.1:{server.port}\] suite    "                         # each GPU's end line, then the step's
+    for i in range(FAKE_GPUS):
+        assert re.search(end + rf"gpu{i}: ok \(\d+\.\d\d s\) ", run.out, re.M), run.out
+    assert re.search(end + r"ok \(\d+\.\d\d s\) ", run.out, re.M), run.out
     assert some.code == 0, some.out
     assert sorted(x.split()[3] for x in second if x.startswith("start")) == ["0", "2"]
     md2 = some.report_md()
