@@ -7,19 +7,58 @@ so the common int/None case allocates nothing and stays free of host syncs.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import re
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import triton
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels fold it into the softmax scale
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 128)
 
 
+# Whether triton.jit compiles the kernels or runs them in its interpreter: read when they were defined
+# (triton reads it then too), so setting it later changes nothing.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def interpreter_problem(version: str = triton.__version__) -> str | None:
+    """Why triton's interpreter cannot run these kernels here, or None. Before triton 3.7 the interpreter makes a
+    loop bound a Python int with int() of a one-element array, which NumPy 2.x refuses ("only 0-dimensional arrays
+    can be converted to Python scalars"): every kernel fails on its first loop (triton 3.7 squeezes first)."""
+    import numpy as np
+    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= (3, 7):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            int(np.zeros(1))
+            return None
+        except TypeError:
+            pass
+    return (f"triton {version}'s interpreter cannot run the kernels with NumPy {np.__version__} (it turns loop "
+            "bounds into ints with int() of one-element arrays, which this NumPy refuses); CPU runs need triton "
+            ">= 3.7")
+
+
+def cpu_problem() -> str | None:
+    """Why CPU tensors cannot run here, or None: they run in triton's interpreter only, which must work."""
+    if not INTERPRET:
+        return ("CPU tensors run in triton's interpreter only: set TRITON_INTERPRET=1 before triton is imported, "
+                "or put the tensors on a GPU")
+    return interpreter_problem()
+
+
 def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Shapes [B, Hq, Sq, D] / [B, Hkv, Skv, D], same dtype and device, Hq % Hkv == 0, D in {64, 128}."""
+    """Shapes [B, Hq, Sq, D] / [B, Hkv, Skv, D], same dtype and device, Hq % Hkv == 0, D in {64, 128}; CPU
+    tensors only where triton's interpreter can run them (cpu_problem)."""
     for label, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name}: {label} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
@@ -38,6 +77,8 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError(f"{name}: head_dim {d} not supported (use one of {SUPPORTED_HEAD_DIMS})")
     if k.shape[1] == 0 or hq % k.shape[1]:
         raise ValueError(f"{name}: query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
+    if q.device.type == "cpu" and (problem := cpu_problem()):
+        raise ValueError(f"{name}: {problem}")
 
 
 def split_row_arg(name: str, what: str, value, batch: int, default: int,

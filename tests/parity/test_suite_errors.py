@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flashcore.models import PACKAGED, ModelLoadError, load_model
+from flashcore.ops._common import interpreter_problem
 from flashcore.parity.results import ParityReport
 from flashcore.parity.scenarios import Kernels, SuiteConfig, scenario_names
 from flashcore.parity.suite import run_suite
@@ -93,6 +94,9 @@ def test_cli_lists_the_registry():
 def test_cli_runs_with_a_seed_and_writes_the_document(tmp_path):
     path = tmp_path / "p.json"
     done = _cli("--model", "tiny", "--scenarios", "single_token", "--seed", "7", "--json", str(path), "--device", "cpu")
+    if problem := interpreter_problem():   # triton < 3.7 with NumPy 2.x (the GPU box: triton 3.6): a CPU run can't
+        assert done.returncode == 2 and problem in done.stderr and not path.exists(), done.stdout + done.stderr
+        return
     assert done.returncode == 0, done.stdout + done.stderr
     report = ParityReport.read(path)
     assert report.seed == 7 and report.passed and [s.name for s in report.runs[0].scenarios] == ["single_token"]

@@ -1,0 +1,45 @@
+"""CPU tensors run in triton's interpreter only, and only where it works: otherwise one clear ValueError (and
+`python -m flashcore.parity --device cpu` exits 2 with it) instead of a triton error from inside a kernel, which
+the parity suite would count as every scenario failing."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from flashcore.ops import _common, decode_attention, prefill_attention
+
+
+def _numpy_refuses_one_element_int() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            int(np.zeros(1))
+            return False
+        except TypeError:
+            return True
+
+
+def test_interpreter_problem_names_triton_before_3_7_with_a_numpy_that_refuses():
+    assert _common.interpreter_problem("3.7.0") is None and _common.interpreter_problem("3.9.1+git") is None
+    problem = _common.interpreter_problem("3.6.0")
+    assert (problem is not None) == _numpy_refuses_one_element_int()     # NumPy 2.x: refused (measured: 2.4.6)
+    if problem:
+        assert "triton 3.6.0" in problem and f"NumPy {np.__version__}" in problem and ">= 3.7" in problem
+
+
+@pytest.mark.parametrize("call", [
+    lambda q: prefill_attention(q, q, q),
+    lambda q: decode_attention(q[:, :, :1], q, q, torch.tensor([3])),
+], ids=["prefill", "decode"])
+def test_cpu_tensors_without_the_interpreter_are_one_clear_value_error(call, monkeypatch):
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 before triton is imported"):
+        call(torch.zeros(1, 4, 3, 64))
+    monkeypatch.setattr(_common, "INTERPRET", True)
+    monkeypatch.setattr(_common, "interpreter_problem", lambda: "triton 3.6.0's interpreter cannot run the kernels")
+    with pytest.raises(ValueError, match="3.6.0's interpreter"):
+        call(torch.zeros(1, 4, 3, 64))
