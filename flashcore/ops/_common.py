@@ -7,7 +7,6 @@ so the common int/None case allocates nothing and stays free of host syncs.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -28,7 +27,6 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
 def interpreter_problem(version: str = triton.__version__) -> str | None:
     """Why triton's interpreter cannot run these kernels here, or None. Before triton 3.7 the interpreter makes a
     loop bound a Python int with int() of a one-element array, which NumPy 2.x refuses ("only 0-dimensional arrays
@@ -56,9 +54,13 @@ def cpu_problem() -> str | None:
     return interpreter_problem()
 
 
+# Decided once, with the kernels: check_qkv reads a constant (also under torch.compile, which traces the checks)
+CPU_PROBLEM = cpu_problem()
+
+
 def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Shapes [B, Hq, Sq, D] / [B, Hkv, Skv, D], same dtype and device, Hq % Hkv == 0, D in {64, 128}; CPU
-    tensors only where triton's interpreter can run them (cpu_problem)."""
+    tensors only where triton's interpreter can run them (CPU_PROBLEM)."""
     for label, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name}: {label} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
@@ -77,8 +79,8 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError(f"{name}: head_dim {d} not supported (use one of {SUPPORTED_HEAD_DIMS})")
     if k.shape[1] == 0 or hq % k.shape[1]:
         raise ValueError(f"{name}: query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
-    if q.device.type == "cpu" and (problem := cpu_problem()):
-        raise ValueError(f"{name}: {problem}")
+    if q.device.type == "cpu" and CPU_PROBLEM:
+        raise ValueError(f"{name}: {CPU_PROBLEM}")
 
 
 def split_row_arg(name: str, what: str, value, batch: int, default: int,

@@ -43,9 +43,9 @@ def main(argv=None) -> int:
         print("flashcore.parity: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     if not on_gpu:
-        from flashcore.ops._common import cpu_problem
-        if problem := cpu_problem():  # a known failure of every kernel: say so instead of failing each scenario
-            print(f"flashcore.parity: the CPU run cannot start: {problem}", file=sys.stderr)
+        from flashcore.ops._common import CPU_PROBLEM
+        if CPU_PROBLEM:  # a known failure of every kernel: say so instead of failing each scenario
+            print(f"flashcore.parity: the CPU run cannot start: {CPU_PROBLEM}", file=sys.stderr)
             return 2
     from flashcore.parity.scenarios import REGISTRY, SuiteConfig
     from flashcore.parity.suite import format_table, parse_models, run_suite

@@ -31,15 +31,19 @@ def test_interpreter_problem_names_triton_before_3_7_with_a_numpy_that_refuses()
         assert "triton 3.6.0" in problem and f"NumPy {np.__version__}" in problem and ">= 3.7" in problem
 
 
+def test_cpu_problem_asks_for_the_interpreter_then_for_one_that_works(monkeypatch):
+    assert _common.CPU_PROBLEM == _common.cpu_problem()     # decided at import, as check_qkv reads it
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    assert "TRITON_INTERPRET=1 before triton is imported" in _common.cpu_problem()
+    monkeypatch.setattr(_common, "INTERPRET", True)
+    assert _common.cpu_problem() == _common.interpreter_problem()
+
+
 @pytest.mark.parametrize("call", [
     lambda q: prefill_attention(q, q, q),
     lambda q: decode_attention(q[:, :, :1], q, q, torch.tensor([3])),
 ], ids=["prefill", "decode"])
-def test_cpu_tensors_without_the_interpreter_are_one_clear_value_error(call, monkeypatch):
-    monkeypatch.setattr(_common, "INTERPRET", False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 before triton is imported"):
-        call(torch.zeros(1, 4, 3, 64))
-    monkeypatch.setattr(_common, "INTERPRET", True)
-    monkeypatch.setattr(_common, "interpreter_problem", lambda: "triton 3.6.0's interpreter cannot run the kernels")
-    with pytest.raises(ValueError, match="3.6.0's interpreter"):
+def test_cpu_tensors_where_they_cannot_run_are_one_clear_value_error(call, monkeypatch):
+    monkeypatch.setattr(_common, "CPU_PROBLEM", "CPU tensors run in triton's interpreter only: set TRITON_INTERPRET=1")
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
         call(torch.zeros(1, 4, 3, 64))
