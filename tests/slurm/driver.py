@@ -2,13 +2,16 @@
 
     python tests/slurm/driver.py '{"config": {...SlurmConfig...}, "suite_command": "..."}'
 
-SIGTERM sets the cancel event (cancel_on_signals); SIGINT stays Python's KeyboardInterrupt. Prints one
-`@@progress P R D` line per poll and `@@run {json}` at the end; exits 130 (interrupted), 143 (cancelled) or 0."""
+SIGTERM sets the cancel event (cancel_on_signals); SIGINT stays Python's KeyboardInterrupt, installed here
+explicitly: a process started from a non-interactive shell's background job inherits SIGINT ignored, and
+Python then installs no handler (the test would see the signal do nothing). Prints one `@@progress P R D` line
+per poll and `@@run {json}` at the end; exits 130 (interrupted), 143 (cancelled) or 0."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +23,7 @@ from pipeline.remote import LocalRemote  # noqa: E402
 
 
 def main() -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = json.loads(sys.argv[1])
     cfg = slurm.SlurmConfig(**spec["config"])
     script = slurm.render_script(cfg, suite_command=spec.get("suite_command"))
