@@ -255,9 +255,8 @@ def check_history(path: Path) -> None:
         pass
 
 
-def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConfig], str]) -> int:
+def execute(flags: Flags, hosts: list[HostConfig], reproduce: Callable[[HostConfig], str], code_root: Path) -> int:
     """Run the resolved hosts, at most --parallel at once (or list them, or print their plans): the exit code."""
-    code_root = local.find_code_root()
     if flags.list_hosts:
         for cfg in hosts:
             _say(describe(cfg))
@@ -327,12 +326,12 @@ def execute_selected(flags: Flags, reproduce: Callable[[HostConfig | None, bool]
     if flags.inventory or flags.target:   # a target may be a Slurm cluster of the inventory
         from pipeline import cluster
         if (target := cluster.resolve(flags, code_root)) is not None:
-            return execute_cluster(flags, target, reproduce(None, False))
+            return execute_cluster(flags, target, reproduce(None, False), code_root)
     hosts = resolve(flags, code_root)
-    return execute(flags, hosts, lambda cfg: reproduce(cfg, len(hosts) > 1))
+    return execute(flags, hosts, lambda cfg: reproduce(cfg, len(hosts) > 1), code_root)
 
 
-def execute_cluster(flags: Flags, target, reproduce: str) -> int:
+def execute_cluster(flags: Flags, target, reproduce: str, code_root: Path) -> int:
     """A Slurm cluster of the inventory (pipeline.cluster): list it, print its plan, or validate its GPUs as one
     job array through its login node, as a fleet runs: the history checked up front (--history, the inventory's
     `history:`, else REPORT_DIR/history.sqlite), the inventory's lock held, a line per task, the summary, the exit
@@ -341,7 +340,7 @@ def execute_cluster(flags: Flags, target, reproduce: str) -> int:
 
     from pipeline import cluster
     from pipeline.fleet import finished_lines, fleet_exit_code
-    opts = run_options(flags, local.find_code_root(), out=_say, reproduce=reproduce)
+    opts = run_options(flags, code_root, out=_say, reproduce=reproduce)
     if flags.list_hosts or flags.dry_run:
         for line in [cluster.describe(target)] if flags.list_hosts else cluster.plan_lines(target, opts):
             _say(line)
