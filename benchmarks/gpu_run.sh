@@ -24,7 +24,7 @@ step pytest timeout "${PYTEST_S:-240}" $PY -m pytest -q -p no:cacheprovider "${S
 tail -n 15 "$OUT/pytest.log"
 step bench_attention timeout "${ATTN_S:-300}" $PY benchmarks/bench_attention.py --tune --apply --sweep "${BASELINE[@]}" \
     --json "$OUT/bench_attention.json" > "$OUT/bench_attention.log" 2>&1
-grep -v "^tune B" "$OUT/bench_attention.log" | grep -v "^decode (" | tail -n 60
+grep -v "^tune " "$OUT/bench_attention.log" | grep -v "^decode (" | tail -n 60
 step decode_model timeout "${MODEL_S:-240}" $PY benchmarks/bench_decode_model.py --steps 32 \
     --decode-table "$OUT/bench_attention.json" --json "$OUT/decode_model.json" > "$OUT/decode_model.log" 2>&1
 tail -n 12 "$OUT/decode_model.log"

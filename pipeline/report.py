@@ -22,7 +22,6 @@ from pipeline import parse
 from pipeline.errors import EXIT_OK, EXIT_STEP, StepError, UsageError
 from pipeline.results import HostRunResult, StepResult, SuiteRun
 
-
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES / "report.md.j2"
 
@@ -44,7 +43,6 @@ def reserve_stem(report_dir: Path, host: str, started: datetime) -> str:
         except FileExistsError:
             continue
     raise StepError(f"{report_dir}: no free report name for {base}")
-
 
 
 def _num(value: Any, digits: int = 3) -> str:

@@ -24,7 +24,6 @@ from flashcore.parity import decoding
 from flashcore.parity.results import Latency, LatencyRow
 
 
-
 @dataclass
 class Timing:
     ms_per_token: float | None
