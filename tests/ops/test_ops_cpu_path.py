@@ -4,8 +4,6 @@ the parity suite would count as every scenario failing."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -13,21 +11,25 @@ import torch
 from flashcore.ops import _common, decode_attention, prefill_attention
 
 
-def _numpy_refuses_one_element_int() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            int(np.zeros(1))
-            return False
-        except TypeError:
-            return True
+class _OneElement:
+    """np.zeros(1) as a NumPy that refuses (NumPy 2.x: TypeError) or accepts int() of a one-element array."""
+
+    def __init__(self, refuses: bool):
+        self.refuses = refuses
+
+    def __int__(self) -> int:
+        if self.refuses:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        return 0
 
 
-def test_interpreter_problem_names_triton_before_3_7_with_a_numpy_that_refuses():
+@pytest.mark.parametrize("refuses", [True, False], ids=["numpy-refuses", "numpy-accepts"])
+def test_interpreter_problem_names_triton_before_3_7_with_a_numpy_that_refuses(refuses, monkeypatch):
+    monkeypatch.setattr(np, "zeros", lambda *a, **k: _OneElement(refuses))
     assert _common.interpreter_problem("3.7.0") is None and _common.interpreter_problem("3.9.1+git") is None
     problem = _common.interpreter_problem("3.6.0")
-    assert (problem is not None) == _numpy_refuses_one_element_int()     # NumPy 2.x: refused (measured: 2.4.6)
-    if problem:
+    assert (problem is not None) == refuses
+    if refuses:
         assert "triton 3.6.0" in problem and f"NumPy {np.__version__}" in problem and ">= 3.7" in problem
 
 
