@@ -41,7 +41,7 @@ def _run_collected(c) -> None:
     hosts = [cfg for _, cfg, _ in _pending]
     reproduce = {id(cfg): line for _, cfg, line in _pending}
     _pending.clear()
-    _exit(guarded(lambda: execute(flags, hosts, lambda cfg: reproduce[id(cfg)]), flags.debug))
+    _exit(guarded(lambda: execute(flags, hosts, lambda cfg: reproduce[id(cfg)], find_code_root()), flags.debug))
 
 
 def _exit(code: int) -> None:
